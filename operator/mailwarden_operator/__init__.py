@@ -1,0 +1,1 @@
+"""mailwarden control plane: the MailAccount operator and its webhook."""

@@ -1,0 +1,1 @@
+"""The proxy's configuration: one typed model, two file formats (native YAML, emailproxy INI)."""

@@ -1,0 +1,1 @@
+"""Access tokens: providers behind one interface, and a single-flight cache."""

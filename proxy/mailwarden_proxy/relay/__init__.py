@@ -1,0 +1,1 @@
+"""The asyncio side: listeners, per-connection sessions driving a protocol core, splice."""

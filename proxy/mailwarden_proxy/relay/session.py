@@ -1,0 +1,329 @@
+"""One proxied client connection: drives a protocol core until login, then splices.
+
+Pre-login, both transports carry a `_Feed` protocol that hands bytes to the core; a
+single pump task performs the core's actions in order (writes, TLS upgrades, the local
+password check and token fetch). After `Splice`, `splice.splice` takes over both
+transports and this object only waits for the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from mailwarden_proxy.config.model import Account, Listener, ProxyConfig, UpstreamTLS
+from mailwarden_proxy.localauth import LocalPasswords, Verdict
+from mailwarden_proxy.metrics import ProxyMetrics
+from mailwarden_proxy.protocols import session as core_api
+from mailwarden_proxy.protocols.session import SessionCore
+from mailwarden_proxy.relay.splice import splice
+from mailwarden_proxy.tokens.base import AccessToken, PermanentTokenError, TokenError
+
+log = logging.getLogger("mailwarden.session")
+
+
+class TokenSource(Protocol):
+    async def get(
+        self,
+        account: Account,
+        username: str,
+        *,
+        force_refresh: bool = False,
+        stale: AccessToken | None = None,
+    ) -> AccessToken: ...
+
+
+@dataclass
+class SessionContext:
+    """What every session of a listener shares; replaced as a whole on reload."""
+
+    listener: Listener
+    config: Callable[[], ProxyConfig]  # the current configuration, read at login time
+    tokens: TokenSource
+    passwords: LocalPasswords
+    metrics: ProxyMetrics
+    upstream_tls: ssl.SSLContext | None
+    local_tls: ssl.SSLContext | None
+    make_core: Callable[[bool], SessionCore]  # argument: client connection already TLS
+
+
+class _Feed(asyncio.Protocol):
+    def __init__(self, on_data: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
+        self._on_data = on_data
+        self._on_lost = on_lost
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def eof_received(self) -> bool | None:
+        self._on_lost()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+
+class ProxySession:
+    def __init__(self, ctx: SessionContext, client: asyncio.Transport) -> None:
+        self.ctx = ctx
+        self.client = client
+        self.upstream: asyncio.Transport | None = None
+        self.core = ctx.make_core(client.get_extra_info("sslcontext") is not None)
+        self.peer = _peer_name(client)
+        self.done = asyncio.get_running_loop().create_future()
+        self._wake = asyncio.Event()
+        # bytes that arrive after the core finished but before the splice is installed
+        self._late_client = bytearray()
+        self._late_upstream = bytearray()
+        self._username = ""
+        self._first_use_password: str | None = None
+        self._token: AccessToken | None = None
+        self._account: Account | None = None
+        client.set_protocol(_Feed(self._client_data, self._client_lost))
+
+    # -- feeding the core ----------------------------------------------------------------
+
+    def _client_data(self, data: bytes) -> None:
+        if self.core.finished:
+            self._late_client += data
+            return
+        self.core.receive_client(data)
+        self._after_input()
+
+    def _upstream_data(self, data: bytes) -> None:
+        if self.core.finished:
+            self._late_upstream += data
+            return
+        self.core.receive_upstream(data)
+        self._after_input()
+
+    def _client_lost(self) -> None:
+        self.core.client_closed()
+        self._wake.set()
+
+    def _upstream_lost(self) -> None:
+        self.core.upstream_closed()
+        self._wake.set()
+
+    def _after_input(self) -> None:
+        # A queued TLS switch must see no more plaintext from that side: stop reading now,
+        # not when the pump gets to it (STARTTLS command injection, CVE-2011-0411 style).
+        for action in self.core.actions:
+            if isinstance(action, core_api.StartClientTLS):
+                self.client.pause_reading()
+            elif isinstance(action, core_api.StartUpstreamTLS) and self.upstream is not None:
+                self.upstream.pause_reading()
+        self._wake.set()
+
+    # -- the pump -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        listener = self.ctx.listener
+        labels = (listener.name, listener.protocol.value)
+        self.ctx.metrics.connections.labels(*labels).inc()
+        self.ctx.metrics.active_connections.labels(*labels).inc()
+        spliced = False
+        try:
+            limits = self.ctx.config().limits
+            async with asyncio.timeout(limits.login_timeout):
+                await self._connect_upstream()
+                spliced = await self._pump()
+            if spliced:
+                await self.done
+        except TimeoutError:
+            log.info("login not completed in time; closing", extra={"peer": self.peer})
+        except Exception:
+            log.exception("session failed", extra={"peer": self.peer})
+        finally:
+            if not spliced:
+                self._close_all()
+            self.ctx.metrics.active_connections.labels(*labels).dec()
+
+    async def _connect_upstream(self) -> None:
+        upstream = self.ctx.listener.upstream
+        loop = asyncio.get_running_loop()
+        implicit = upstream.tls is UpstreamTLS.IMPLICIT
+        try:
+            async with asyncio.timeout(self.ctx.config().limits.connect_timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: _Feed(self._upstream_data, self._upstream_lost),
+                    upstream.host,
+                    upstream.port,
+                    ssl=self.ctx.upstream_tls if implicit else None,
+                    server_hostname=upstream.host if implicit else None,
+                )
+        except (OSError, TimeoutError) as exc:
+            kind = "tls" if isinstance(exc, ssl.SSLError) else "connect"
+            self.ctx.metrics.upstream_errors.labels(self.ctx.listener.name, kind).inc()
+            log.warning(
+                "cannot reach upstream %s:%s: %s",
+                upstream.host,
+                upstream.port,
+                exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
+            )
+            self.core.upstream_closed()
+            return
+        assert isinstance(transport, asyncio.Transport)
+        self.upstream = transport
+
+    async def _pump(self) -> bool:
+        """Perform actions until Splice (True) or Close (False)."""
+        while True:
+            action = self.core.next_action()
+            if action is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            match action:
+                case core_api.SendClient(data):
+                    self.client.write(data)
+                case core_api.SendUpstream(data):
+                    if self.upstream is not None:
+                        self.upstream.write(data)
+                case core_api.StartClientTLS():
+                    await self._start_client_tls()
+                case core_api.StartUpstreamTLS():
+                    await self._start_upstream_tls()
+                case core_api.Authenticate(username, password):
+                    await self._authenticate(username, password)
+                case core_api.NeedFreshToken(status):
+                    await self._refresh_token(status)
+                case core_api.LoginSucceeded(username):
+                    self._login_succeeded(username)
+                case core_api.LoginFailed(username, kind, detail):
+                    self._login_failed(username, kind, detail)
+                case core_api.Splice(to_upstream, to_client):
+                    self._splice(to_upstream, to_client)
+                    return True
+                case core_api.Close(reason):
+                    log.debug("closing session: %s", reason, extra={"peer": self.peer})
+                    self._close_all()
+                    return False
+
+    async def _start_client_tls(self) -> None:
+        if self.ctx.local_tls is None:  # the core only offers STARTTLS when configured
+            self._close_all()
+            return
+        loop = asyncio.get_running_loop()
+        protocol = self.client.get_protocol()
+        new = await loop.start_tls(self.client, protocol, self.ctx.local_tls, server_side=True)
+        assert new is not None
+        self.client = new
+
+    async def _start_upstream_tls(self) -> None:
+        assert self.upstream is not None and self.ctx.upstream_tls is not None
+        loop = asyncio.get_running_loop()
+        protocol = self.upstream.get_protocol()
+        host = self.ctx.listener.upstream.host
+        try:
+            new = await loop.start_tls(
+                self.upstream, protocol, self.ctx.upstream_tls, server_hostname=host
+            )
+        except (OSError, ssl.SSLError) as exc:
+            self.ctx.metrics.upstream_errors.labels(self.ctx.listener.name, "tls").inc()
+            log.warning("upstream STARTTLS with %s failed: %s", host, exc)
+            self.core.upstream_closed()
+            return
+        assert new is not None
+        self.upstream = new
+
+    # -- login ----------------------------------------------------------------------------
+
+    async def _authenticate(self, username: str, password: str) -> None:
+        self._username = username
+        account = self.ctx.config().account_for(username)
+        verdict = (
+            Verdict.REJECT
+            if account is None
+            else self.ctx.passwords.verify(account, username, password)
+        )
+        if account is None or verdict is Verdict.REJECT:
+            self.core.reject_login()
+            return
+        self._account = account
+        self._first_use_password = password if verdict is Verdict.ACCEPT_FIRST_USE else None
+        await self._fetch_and_provide(force_refresh=False)
+
+    async def _refresh_token(self, status: str) -> None:
+        log.info("upstream refused the token (status %s); retrying with a fresh one", status)
+        await self._fetch_and_provide(force_refresh=True)
+
+    async def _fetch_and_provide(self, *, force_refresh: bool) -> None:
+        account = self._account
+        assert account is not None
+        try:
+            token = await self.ctx.tokens.get(
+                account, self._username, force_refresh=force_refresh, stale=self._token
+            )
+        except PermanentTokenError as exc:
+            log.warning("no token for %s: %s", self._username, exc.code)
+            self.core.token_unavailable(permanent=True)
+            return
+        except TokenError as exc:
+            log.warning("no token for %s (temporary): %s", self._username, exc.code)
+            self.core.token_unavailable(permanent=False)
+            return
+        self._token = token
+        upstream_user = account.upstream_username or self._username
+        self.core.provide_token(upstream_user, token.value.reveal(), account.mechanism)
+
+    def _login_succeeded(self, username: str) -> None:
+        if self._first_use_password is not None:
+            self.ctx.passwords.learn(username, self._first_use_password)
+            self._first_use_password = None
+        listener = self.ctx.listener
+        self.ctx.metrics.logins.labels(listener.name, listener.protocol.value, "ok").inc()
+        log.info("login ok for %s", username, extra={"peer": self.peer})
+
+    def _login_failed(self, username: str, kind: core_api.FailureKind, detail: str) -> None:
+        self._first_use_password = None
+        listener = self.ctx.listener
+        self.ctx.metrics.logins.labels(listener.name, listener.protocol.value, kind.value).inc()
+        if kind in (core_api.FailureKind.UPSTREAM_ERROR, core_api.FailureKind.NOT_CONNECTED):
+            self.ctx.metrics.upstream_errors.labels(listener.name, kind.value).inc()
+        log.info(
+            "login failed for %s: %s %s", username, kind.value, detail, extra={"peer": self.peer}
+        )
+
+    # -- the end of the pre-login phase ---------------------------------------------------
+
+    def _splice(self, to_upstream: bytes, to_client: bytes) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        self.client.pause_reading()
+        upstream.pause_reading()
+        if to_upstream or self._late_client:
+            upstream.write(to_upstream + bytes(self._late_client))
+        if to_client or self._late_upstream:
+            self.client.write(to_client + bytes(self._late_upstream))
+        name = self.ctx.listener.name
+        up = self.ctx.metrics.relayed_bytes.labels(name, "upstream")
+        down = self.ctx.metrics.relayed_bytes.labels(name, "downstream")
+        splice(self.client, upstream, up.inc, down.inc, self._spliced_closed)
+
+    def _spliced_closed(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _close_all(self) -> None:
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (shutdown after the drain period)."""
+        self.client.abort()
+        if self.upstream is not None:
+            self.upstream.abort()
+        self._spliced_closed()
+
+
+def _peer_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)

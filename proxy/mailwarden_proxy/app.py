@@ -1,0 +1,92 @@
+"""Run the proxy: listeners, token broker, health endpoint, signals.
+
+SIGHUP re-reads the configuration file (a bad file is refused and the old one stays in
+force); SIGTERM and SIGINT stop accepting and let live sessions finish for the drain
+period, as Kubernetes expects during its termination grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from mailwarden_proxy.config.errors import ConfigError
+from mailwarden_proxy.config.load import load_config
+from mailwarden_proxy.config.model import ProxyConfig
+from mailwarden_proxy.health import HealthServer
+from mailwarden_proxy.metrics import ProxyMetrics
+from mailwarden_proxy.relay.server import ProxyServer
+from mailwarden_proxy.tokens.cache import TokenBroker
+
+log = logging.getLogger("mailwarden")
+
+
+def install_event_loop() -> None:
+    """Use uvloop where it is installed: less CPU and ~45 KB instead of ~290 KB per TLS session."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class ProxyApp:
+    """The proxy process: what `mailwarden-proxy --config` runs, and what tests start."""
+
+    def __init__(self, config: ProxyConfig, config_path: Path | None = None) -> None:
+        self.config_path = config_path
+        self.metrics = ProxyMetrics()
+        self.tokens = TokenBroker(observer=self.metrics)
+        self.server = ProxyServer(config, self.tokens, self.metrics)
+        self.health: HealthServer | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        for warning in self.server.config.warnings:
+            log.warning("configuration: %s", warning)
+        await self.server.start()
+        metrics = self.server.config.metrics
+        if metrics.port:
+            self.health = HealthServer(
+                self.metrics, lambda: self.server.ready, metrics.address, metrics.port
+            )
+            await self.health.start()
+
+    async def reload(self) -> bool:
+        if self.config_path is None:
+            return False
+        try:
+            config = load_config(self.config_path)
+        except (ConfigError, OSError) as exc:
+            self.metrics.config_reloads.labels("error").inc()
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return False
+        await self.server.reload(config)
+        self.metrics.config_reloads.labels("ok").inc()
+        return True
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self, grace: float = 0.0) -> None:
+        await self.server.drain(grace)
+        if self.health is not None:
+            await self.health.stop()
+        await self.tokens.close()
+
+    async def serve_until_signalled(self, grace: float) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        await self.start()
+        await self._stop.wait()
+        log.info("stopping")
+        await self.stop(grace)
+
+
+async def run(config_path: Path, grace: float) -> None:
+    app = ProxyApp(load_config(config_path), config_path)
+    await app.serve_until_signalled(grace)

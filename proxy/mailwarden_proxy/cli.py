@@ -1,0 +1,84 @@
+"""`mailwarden-proxy`: run the proxy, check a configuration, or watch the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from mailwarden_proxy import logsetup
+from mailwarden_proxy.config.errors import ConfigError
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailwarden-proxy",
+        description="Plain SMTP/IMAP/POP3 in, OAuth 2.0 (XOAUTH2/OAUTHBEARER) out. "
+        "Run `mailwarden-proxy demo` to see it work on loopback.",
+    )
+    parser.add_argument(
+        "--config", required=True, type=Path, help="native YAML or emailproxy INI file"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate, print the effective configuration (secrets masked) and exit",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=25.0,
+        help="on SIGTERM, how long live sessions may continue (default 25)",
+    )
+    _add_logging(parser)
+    return parser
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["demo"]:
+        demo_parser = argparse.ArgumentParser(
+            prog="mailwarden-proxy demo",
+            description="Start a local identity provider, a local submission server and the "
+            "proxy on loopback, send one message through it with a local password only.",
+        )
+        _add_logging(demo_parser)
+        demo_args = demo_parser.parse_args(args_list[1:])
+        logsetup.configure(demo_args.verbose, demo_args.log_format)
+        from mailwarden_proxy.demo.run import run_demo
+
+        return run_demo()
+
+    args = _run_parser().parse_args(args_list)
+    logsetup.configure(args.verbose, args.log_format)
+    from mailwarden_proxy.config.load import describe, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mailwarden-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mailwarden-proxy: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if args.check:
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(describe(config))
+        return 0
+
+    from mailwarden_proxy.app import install_event_loop, run
+
+    install_event_loop()
+    asyncio.run(run(args.config, args.drain_seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,11 +36,12 @@ def listener(
     *,
     local_tls: LocalTLS = LocalTLS.NONE,
     cert: tuple[Path, Path] | None = None,
+    host: str = "127.0.0.1",
 ) -> Listener:
     return Listener(
         name=name,
         protocol=protocol,
-        upstream=Upstream("127.0.0.1", port, tls, ca_file=str(ca_path)),
+        upstream=Upstream(host, port, tls, ca_file=str(ca_path)),
         local_port=0,
         local_tls=local_tls,
         local_certificate=str(cert[0]) if cert else None,

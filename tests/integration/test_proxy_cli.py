@@ -158,6 +158,7 @@ def test_sighup_reloads_without_dropping_sessions_and_sigterm_drains(
             proc.kill()
         stderr = proc.stderr.read().decode() if proc.stderr else ""
         proc.wait()
+        print(stderr)  # shown by pytest when the test fails
     assert [m.subject for m in smtpd.messages] == ["after reload", "while draining"]
     assert LOCAL_PASSWORD not in stderr
     assert "reload refused" in stderr

@@ -46,18 +46,20 @@ def smtpd(request: pytest.FixtureRequest, idp: LocalIdP, local_ca: LocalCA) -> I
 
 def _start(run_proxy: Any, idp: LocalIdP, smtpd: Any, local_ca: LocalCA, **kwargs: Any) -> Any:
     mechanism = kwargs.pop("mechanism", Mechanism.XOAUTH2)
+    loop = kwargs.pop("loop", "uvloop")
     account = kwargs.pop("account", None) or app_account(idp, USER, mechanism=mechanism)
     lst = listener(
         "SMTP-test", MailProtocol.SMTP, smtpd.port, smtpd.upstream_tls, local_ca.ca_path, **kwargs
     )
-    return run_proxy(config([lst], [account]))
+    return run_proxy(config([lst], [account]), loop)
 
 
 @pytest.mark.parametrize("mechanism", [Mechanism.XOAUTH2, Mechanism.OAUTHBEARER])
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_send_with_local_password(
-    run_proxy: Any, idp: LocalIdP, smtpd: Any, local_ca: LocalCA, mechanism: Mechanism
+    run_proxy: Any, idp: LocalIdP, smtpd: Any, local_ca: LocalCA, mechanism: Mechanism, loop: str
 ) -> None:
-    proxy = _start(run_proxy, idp, smtpd, local_ca, mechanism=mechanism)
+    proxy = _start(run_proxy, idp, smtpd, local_ca, mechanism=mechanism, loop=loop)
     with smtplib.SMTP("127.0.0.1", proxy.port("SMTP-test"), timeout=10) as client:
         client.ehlo()
         assert client.has_extn("auth")

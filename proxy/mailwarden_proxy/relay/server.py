@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import cast
 
 from mailwarden_proxy.config.model import (
     Listener,
@@ -67,8 +68,8 @@ class _Accept(asyncio.Protocol):
         self._ctx = ctx
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._server.start_session(self._ctx, transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self._server.start_session(self._ctx, cast(asyncio.Transport, transport))
 
 
 class ProxyServer:

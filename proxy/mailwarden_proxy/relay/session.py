@@ -167,7 +167,6 @@ class ProxySession:
             )
             self.core.upstream_closed()
             return
-        assert isinstance(transport, asyncio.Transport)
         self.upstream = transport
 
     async def _pump(self) -> bool:

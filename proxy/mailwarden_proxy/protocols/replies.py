@@ -1,5 +1,5 @@
-"""Small pieces the protocol cores share: command splitting, peer-text hygiene, reply readers,
-capability rewriting, and the pre-login input loop of the line-based cores.
+"""Small pieces the protocol cores share: command splitting, peer-text hygiene, reply
+readers and capability rewriting.
 
 Everything here is pure and bounded. Readers take one line at a time (as handed out by a
 `LineBuffer`) and return a complete reply once its last line arrived, raising
@@ -10,12 +10,10 @@ Everything here is pure and bounded. Readers take one line at a time (as handed 
 from __future__ import annotations
 
 import re
-from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from mailwarden_proxy.protocols.errors import LineTooLong, ProtocolError, UpstreamProtocolError
-from mailwarden_proxy.protocols.session import SessionCore
+from mailwarden_proxy.protocols.errors import UpstreamProtocolError
 
 CRLF = b"\r\n"
 
@@ -194,87 +192,3 @@ def rewrite_capa(capabilities: Sequence[bytes], *, offer_stls: bool) -> bytes:
     kept.append(b"IMPLEMENTATION mailwarden")
     body = b"".join((b"." + line if line.startswith(b".") else line) + CRLF for line in kept)
     return b"+OK Capability list follows" + CRLF + body + b"." + CRLF
-
-
-# -- the pre-login loop ------------------------------------------------------------------
-
-
-class LineDrivenCore(SessionCore):
-    """The input loop shared by the line-based cores (SMTP, POP3).
-
-    Each round handles one complete line: from upstream while a reply is awaited, from
-    the client while a command (or SASL response) is awaited, from nobody otherwise.
-    Upstream lines arriving out of turn, unparseable upstream lines (`ProtocolError`
-    from the subclass) and over-long upstream lines all end in `_upstream_failed`; an
-    over-long client line gets `too_long_reply` and the session closes, since a line
-    buffer cannot find the next command without reading the rest of a line it refused.
-    Client input that waits (during a login or before the greeting) is bounded by
-    `max_line` too, and is handed upstream by `Splice` at login.
-    """
-
-    too_long_reply = b"500 Line too long"
-    flood_reply = b"421 Too much input before the reply"
-
-    @abstractmethod
-    def _reads_upstream(self) -> bool:
-        """True while an upstream reply is awaited."""
-
-    @abstractmethod
-    def _reads_client(self) -> bool:
-        """True while a client command or SASL response is awaited."""
-
-    @abstractmethod
-    def _on_upstream_line(self, line: bytes) -> None:
-        """One upstream line, with its terminator; may raise `ProtocolError`."""
-
-    @abstractmethod
-    def _on_client_line(self, text: bytes) -> None:
-        """One client line, without its terminator."""
-
-    @abstractmethod
-    def _upstream_failed(self, reason: str) -> None:
-        """Tell the client the upstream is gone, then Close."""
-
-    def _upstream_closed(self) -> None:
-        self._upstream_failed("upstream closed the connection")
-
-    def _client_error(self, reply: bytes, reason: str) -> None:
-        self.to_client(reply + CRLF)
-        self.close(reason)
-
-    def _process(self) -> None:
-        while not self.finished and self._step():
-            pass
-        waiting = not self.finished and not self._reads_client()
-        if waiting and len(self.client_in) > self.max_line:
-            self._client_error(self.flood_reply, "client sent too much before the reply")
-
-    def _step(self) -> bool:
-        """Handle one complete line; False when more input is needed."""
-        if self._reads_upstream():
-            try:
-                line = self.upstream_in.next_line()
-                if line is not None:
-                    self._on_upstream_line(line)
-            except ProtocolError as exc:
-                self._upstream_failed(str(exc))
-                return False
-            return line is not None
-        try:
-            unsolicited = self.upstream_in.next_line()
-        except LineTooLong:
-            unsolicited = b""
-        if unsolicited is not None:
-            self._upstream_failed("upstream sent data out of turn")
-            return False
-        if not self._reads_client():
-            return False
-        try:
-            line = self.client_in.next_line()
-        except LineTooLong:
-            self._client_error(self.too_long_reply, "client line too long")
-            return False
-        if line is None:
-            return False
-        self._on_client_line(chomp(line))
-        return True

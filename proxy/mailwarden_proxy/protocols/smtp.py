@@ -32,6 +32,10 @@ buffered (bounded by `max_line`) and whatever is left at login is handed upstrea
 reply is awaited; a line arriving at any other time (an idle-timeout 421, garbage) ends
 the session.
 
+The steps SMTP shares with the POP3 core (the token exchange with its one retry, failing a
+login, the TLS and greeting bookkeeping) are in `replies.SaslUpstreamCore`; this module
+parses SMTP replies and commands and decides which step each one means.
+
 Choices: a command line longer than `max_line` gets `500 5.5.6 Line too long` and the
 session is closed (the line buffer cannot resynchronise without reading the rest);
 AUTH needs an EHLO or HELO first, and again after STARTTLS (RFC 3207 §4.2: everything
@@ -44,11 +48,11 @@ from __future__ import annotations
 import binascii
 from enum import Enum, auto
 
-from mailwarden_proxy.config.model import DEFAULT_MAX_LINE, DEFAULT_MAX_LITERAL, Mechanism
+from mailwarden_proxy.config.model import DEFAULT_MAX_LINE, DEFAULT_MAX_LITERAL
 from mailwarden_proxy.protocols.errors import SaslError
+from mailwarden_proxy.protocols.line_core import LoginStates, SaslUpstreamCore
 from mailwarden_proxy.protocols.replies import (
     CRLF,
-    LineDrivenCore,
     SmtpReply,
     SmtpReplyReader,
     ehlo_keyword,
@@ -56,29 +60,9 @@ from mailwarden_proxy.protocols.replies import (
     rewrite_ehlo,
     safe_text,
     split_command,
-    status_word,
 )
-from mailwarden_proxy.protocols.sasl import (
-    RETRYABLE_STATUSES,
-    b64,
-    b64decode_strict,
-    decode_plain,
-    error_challenge_reply,
-    initial_response,
-    mechanism_name,
-    parse_error_challenge,
-)
-from mailwarden_proxy.protocols.session import (
-    Authenticate,
-    FailureKind,
-    LocalInfo,
-    LoginFailed,
-    LoginSucceeded,
-    NeedFreshToken,
-    StartClientTLS,
-    StartUpstreamTLS,
-    UpstreamInfo,
-)
+from mailwarden_proxy.protocols.sasl import b64decode_strict, decode_plain
+from mailwarden_proxy.protocols.session import FailureKind, LocalInfo, UpstreamInfo
 
 
 class SmtpState(Enum):
@@ -116,16 +100,23 @@ _NEED_AUTH = frozenset(
     {"MAIL", "RCPT", "DATA", "BDAT", "VRFY", "EXPN", "HELP", "ETRN", "TURN", "ATRN", "BURL"}
 )
 
-USERNAME_PROMPT = b"334 VXNlcm5hbWU6" + CRLF  # base64("Username:")
-PASSWORD_PROMPT = b"334 UGFzc3dvcmQ6" + CRLF  # base64("Password:")
-AUTH_OK = b"235 2.7.0 Authentication successful" + CRLF
+USERNAME_PROMPT = b"334 VXNlcm5hbWU6"  # base64("Username:")
+PASSWORD_PROMPT = b"334 UGFzc3dvcmQ6"  # base64("Password:")
+AUTH_OK = b"235 2.7.0 Authentication successful"
 AUTH_INVALID = b"535 5.7.8 Authentication credentials invalid"
 AUTH_TEMPORARY = b"454 4.7.0 Temporary authentication failure"
 
 
-class SmtpCore(LineDrivenCore):
+class SmtpCore(SaslUpstreamCore[SmtpState]):
     """One proxied SMTP session from connect to login; see the module docstring."""
 
+    states = LoginStates.of(SmtpState)
+    upstream_reading = _READS_UPSTREAM
+    client_reading = _READS_CLIENT
+    auth_failed = AUTH_INVALID
+    auth_temporary = AUTH_TEMPORARY
+    upstream_unavailable = b"421 4.3.2 "
+    upstream_lost = b"421 4.4.2 "
     too_long_reply = b"500 5.5.6 Line too long"
     flood_reply = b"421 4.7.0 Too much input before the reply"
 
@@ -138,84 +129,17 @@ class SmtpCore(LineDrivenCore):
         max_literal: int = DEFAULT_MAX_LITERAL,
     ) -> None:
         super().__init__(upstream, local, max_line=max_line, max_literal=max_literal)
-        self.state = SmtpState.UPSTREAM_GREETING
         self.upstream_extensions: tuple[bytes, ...] = ()  # EHLO lines after the greeting line
         self._reader = SmtpReplyReader(self.upstream_in.max_line)
-        self._upstream_tls = False
-        self._client_tls = self.local.tls_active
-        self._client_greeted = False
         self._ehlo_seen = False
         self._login_user = ""  # AUTH LOGIN: the username while the password is prompted
-        self._username = ""  # the local username of the login in progress
-        self._mechanism = Mechanism.XOAUTH2
-        self._response = b""  # base64 SASL response holding the token, for this attempt only
-        self._secrets: tuple[bytes, ...] = ()  # never let these reach the client or a log
-        self._retried = False
-        self._challenge = ""  # status word of the last error challenge
 
-    @property
-    def _host(self) -> bytes:
-        return self.local.hostname.encode()
-
-    # -- answers from the I/O layer ---------------------------------------------------------
-
-    def provide_token(self, upstream_username: str, token: str, mechanism: Mechanism) -> None:
-        if self.finished:
-            return
-        self._expect(SmtpState.CHECKING, SmtpState.REFRESHING)
-        raw = initial_response(
-            mechanism, upstream_username, token, self.upstream.host, self.upstream.port
-        )
-        self._mechanism = mechanism
-        self._response = b64(raw)
-        self._secrets = (token.encode(), self._response)
-        self._challenge = ""
-        self.to_upstream(b"AUTH " + mechanism_name(mechanism).encode() + CRLF)
-        self.state = SmtpState.UPSTREAM_AUTH
-        self._process()
-
-    def reject_login(self) -> None:
-        if self.finished:
-            return
-        self._expect(SmtpState.CHECKING)
-        self._fail(AUTH_INVALID, FailureKind.LOCAL_CREDENTIALS)
-        self._process()
-
-    def token_unavailable(self, permanent: bool) -> None:
-        if self.finished:
-            return
-        self._expect(SmtpState.CHECKING, SmtpState.REFRESHING)
-        reply = AUTH_INVALID if permanent else AUTH_TEMPORARY
-        detail = "permanent" if permanent else "temporary"
-        self._fail(reply, FailureKind.TOKEN_UNAVAILABLE, detail)
-        self._process()
-
-    def _expect(self, *states: SmtpState) -> None:
-        if self.state not in states:
-            raise RuntimeError(f"SmtpCore: call not expected in state {self.state.name}")
-
-    # -- the loop (LineDrivenCore) ----------------------------------------------------------
-
-    def _reads_upstream(self) -> bool:
-        return self.state in _READS_UPSTREAM
-
-    def _reads_client(self) -> bool:
-        return self.state in _READS_CLIENT
+    # -- upstream ----------------------------------------------------------------------------
 
     def _on_upstream_line(self, line: bytes) -> None:
         reply = self._reader.feed(line)
         if reply is not None:
             self._on_reply(reply)
-
-    def close(self, reason: str) -> None:
-        self.state = SmtpState.DONE
-        super().close(reason)
-
-    def splice(self) -> None:
-        self.state = SmtpState.DONE
-        super().splice()
-
-    # -- upstream ----------------------------------------------------------------------------
 
     def _on_reply(self, reply: SmtpReply) -> None:
         match self.state:
@@ -230,14 +154,11 @@ class SmtpCore(LineDrivenCore):
                 if reply.code != 220:
                     self._upstream_failed(f"upstream STARTTLS {reply.code}")
                     return
-                self.upstream_in.clear()  # RFC 3207 §4.2: nothing from before TLS is used
-                self._upstream_tls = True
-                self.emit(StartUpstreamTLS())
+                self._start_upstream_tls()
                 self._send_ehlo()
             case SmtpState.UPSTREAM_AUTH:
                 if reply.code == 334:
-                    self.to_upstream(self._response + CRLF)
-                    self.state = SmtpState.UPSTREAM_TOKEN
+                    self._send_token()
                 else:
                     self._upstream_refused(reply, FailureKind.UPSTREAM_ERROR)
             case SmtpState.UPSTREAM_TOKEN:
@@ -264,19 +185,13 @@ class SmtpCore(LineDrivenCore):
             self.to_upstream(b"STARTTLS" + CRLF)
             self.state = SmtpState.UPSTREAM_STARTTLS
             return
-        self.to_client(b"220 " + self._host + b" ESMTP mailwarden ready" + CRLF)
-        self._client_greeted = True
-        self.state = SmtpState.COMMAND
+        self._greet_client(b"220 " + self._host + b" ESMTP mailwarden ready")
 
     def _on_token_reply(self, reply: SmtpReply) -> None:
         if reply.code == 235:
-            self.to_client(AUTH_OK)
-            self.emit(LoginSucceeded(self._username))
-            self.splice()
+            self._login_succeeded(AUTH_OK)
         elif reply.code == 334:
-            self._challenge = status_word(parse_error_challenge(reply.text).status)
-            self.to_upstream(error_challenge_reply(self._mechanism) + CRLF)
-            self.state = SmtpState.UPSTREAM_ABORT
+            self._answer_error_challenge(reply.text)
         else:
             self._upstream_refused(reply, FailureKind.TOKEN_REJECTED)
 
@@ -284,15 +199,12 @@ class SmtpCore(LineDrivenCore):
         if reply.kind not in (4, 5):
             self._upstream_failed(f"upstream answered {reply.code} to an aborted AUTH")
             return
-        status = self._challenge
-        if status in RETRYABLE_STATUSES and not self._retried:
-            self._retried = True
-            self.emit(NeedFreshToken(status))
-            self.state = SmtpState.REFRESHING
+        if self._retry_with_fresh_token():
             return
         if reply.kind == 4:
             self._fail(self._temporary(reply), FailureKind.UPSTREAM_ERROR, self._detail(reply))
         else:
+            status = self._challenge
             hint = f" (upstream refused the token: {status})" if status else ""
             self._fail(AUTH_INVALID + hint.encode(), FailureKind.TOKEN_REJECTED, status)
 
@@ -312,21 +224,7 @@ class SmtpCore(LineDrivenCore):
     def _detail(self, reply: SmtpReply) -> str:
         return f"{reply.code} {safe_text(reply.text, self._secrets)}".strip()
 
-    def _upstream_failed(self, reason: str) -> None:
-        if self._client_greeted:
-            self.to_client(b"421 4.4.2 " + self._host + b" upstream connection failed" + CRLF)
-        else:
-            self.to_client(b"421 4.3.2 " + self._host + b" upstream unavailable" + CRLF)
-        self.close(reason)
-
-    def _upstream_closed(self) -> None:
-        self.to_client(b"421 4.4.2 " + self._host + b" upstream closed the connection" + CRLF)
-        self.close("upstream closed the connection")
-
     # -- client ------------------------------------------------------------------------------
-
-    def _reply(self, line: bytes) -> None:
-        self.to_client(line + CRLF)
 
     def _on_client_line(self, text: bytes) -> None:
         if self.state is SmtpState.COMMAND:
@@ -381,11 +279,8 @@ class SmtpCore(LineDrivenCore):
         elif not self.local.starttls:
             self._reply(b"502 5.5.1 STARTTLS not available")
         else:
-            self._reply(b"220 2.0.0 Ready to start TLS")
-            self.emit(StartClientTLS())
-            self.client_in.clear()  # RFC 3207 §4.2: pipelined plaintext is never used
-            self._client_tls = True
-            self._ehlo_seen = False
+            self._start_client_tls(b"220 2.0.0 Ready to start TLS")
+            self._ehlo_seen = False  # RFC 3207 §4.2: what was learnt before TLS is forgotten
 
     def _auth(self, arg: bytes) -> None:
         words = arg.split()
@@ -406,7 +301,7 @@ class SmtpCore(LineDrivenCore):
         elif mechanism == b"LOGIN":
             if initial is None:
                 self.state = SmtpState.AUTH_LOGIN_USER
-                self.to_client(USERNAME_PROMPT)
+                self._reply(USERNAME_PROMPT)
             else:
                 self._auth_login_user(b"" if initial == b"=" else initial)
         else:
@@ -427,33 +322,19 @@ class SmtpCore(LineDrivenCore):
             return
         self._login_user = username
         self.state = SmtpState.AUTH_LOGIN_PASS
-        self.to_client(PASSWORD_PROMPT)
+        self._reply(PASSWORD_PROMPT)
 
     def _auth_login_password(self, response: bytes) -> None:
         password = _decode_text(response)
         if password is None:
             self._cannot_decode()
             return
-        self._authenticate(self._login_user, password)
+        username, self._login_user = self._login_user, ""
+        self._authenticate(username, password)
 
     def _cannot_decode(self) -> None:
         self.state = SmtpState.COMMAND
         self._reply(b"501 5.5.2 Cannot decode response")
-
-    def _authenticate(self, username: str, password: str) -> None:
-        self._username = username
-        self._login_user = ""
-        self._retried = False
-        self.state = SmtpState.CHECKING
-        self.emit(Authenticate(username, password))
-
-    def _fail(self, reply: bytes, kind: FailureKind, detail: str = "") -> None:
-        """The login failed; the client may try again."""
-        self._reply(reply)
-        self.emit(LoginFailed(self._username, kind, detail))
-        self._response = b""
-        self._retried = False
-        self.state = SmtpState.COMMAND
 
 
 def _decode_text(response: bytes) -> str | None:

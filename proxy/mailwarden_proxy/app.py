@@ -1,13 +1,17 @@
 """Run the proxy: listeners, token broker, health endpoint, signals.
 
 SIGHUP re-reads the configuration file (a bad file is refused and the old one stays in
-force); SIGTERM and SIGINT stop accepting and let live sessions finish for the drain
-period, as Kubernetes expects during its termination grace period.
+force). The file is also watched: in a pod it is a mounted Secret that the kubelet
+replaces when the operator re-renders it, and nobody can send the sidecar a signal.
+SIGTERM and SIGINT stop accepting and let live sessions finish for the drain period, as
+Kubernetes expects during its termination grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import signal
 from pathlib import Path
@@ -81,17 +85,44 @@ class ProxyApp:
             await self.health.stop()
         await self.tokens.close()
 
-    async def serve_until_signalled(self, grace: float) -> None:
+    def _fingerprint(self) -> str:
+        assert self.config_path is not None
+        try:
+            return hashlib.sha256(self.config_path.read_bytes()).hexdigest()
+        except OSError:
+            return ""  # mid-swap or gone: try again next round
+
+    async def watch_config(self, interval: float) -> None:
+        """Reload when the file's content changes (mtimes lie on Secret volumes)."""
+        seen = self._fingerprint()
+        while True:
+            await asyncio.sleep(interval)
+            current = self._fingerprint()
+            if current and current != seen:
+                seen = current
+                log.info("configuration file changed; reloading")
+                await self.reload()
+
+    async def serve_until_signalled(self, grace: float, watch_interval: float = 0) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         await self.start()
+        watcher = (
+            loop.create_task(self.watch_config(watch_interval))
+            if watch_interval > 0 and self.config_path is not None
+            else None
+        )
         await self._stop.wait()
         log.info("stopping")
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         await self.stop(grace)
 
 
-async def run(config_path: Path, grace: float) -> None:
+async def run(config_path: Path, grace: float, watch_interval: float = 0) -> None:
     app = ProxyApp(load_config(config_path), config_path)
-    await app.serve_until_signalled(grace)
+    await app.serve_until_signalled(grace, watch_interval)

@@ -31,6 +31,13 @@ def _run_parser() -> argparse.ArgumentParser:
         default=25.0,
         help="on SIGTERM, how long live sessions may continue (default 25)",
     )
+    parser.add_argument(
+        "--watch-interval",
+        type=float,
+        default=10.0,
+        help="reload when the configuration file changes, checked every N seconds "
+        "(default 10; 0 turns it off, SIGHUP still works)",
+    )
     _add_logging(parser)
     return parser
 
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from mailwarden_proxy.app import install_event_loop, run
 
     install_event_loop()
-    asyncio.run(run(args.config, args.drain_seconds))
+    asyncio.run(run(args.config, args.drain_seconds, args.watch_interval))
     return 0
 
 

@@ -162,3 +162,36 @@ def test_sighup_reloads_without_dropping_sessions_and_sigterm_drains(
     assert [m.subject for m in smtpd.messages] == ["after reload", "while draining"]
     assert LOCAL_PASSWORD not in stderr
     assert "reload refused" in stderr
+
+
+def test_a_changed_config_file_is_picked_up_without_a_signal(
+    idp: LocalIdP, local_ca: LocalCA, smtpd: Any, tmp_path: Path
+) -> None:
+    """In a pod the config is a mounted Secret the kubelet swaps; nobody sends SIGHUP."""
+    port = _free_port()
+    cfg = _proxy_config(idp, local_ca, smtpd, port)
+    path = tmp_path / "proxy.yaml"
+    _write(path, cfg)
+    proc = subprocess.Popen(
+        [*PROXY, "--config", str(path), "--watch-interval", "0.2"], stderr=subprocess.PIPE
+    )
+    try:
+        _wait_for_port(port, proc)
+        staged = tmp_path / "proxy.yaml.new"
+        _write(staged, replace(cfg, accounts=(*cfg.accounts, app_account(idp, "c@example.com"))))
+        staged.rename(path)  # an atomic swap, as the kubelet does with ..data
+        deadline = time.monotonic() + 10
+        while True:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                try:
+                    client.login("c@example.com", LOCAL_PASSWORD)
+                    break
+                except smtplib.SMTPAuthenticationError:
+                    assert time.monotonic() < deadline, "the changed file was never loaded"
+                    time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        print(stderr)
+    assert "configuration file changed; reloading" in stderr

@@ -7,13 +7,17 @@ defaults), so "microsoft + tenant" means the same URL everywhere. Pure data and 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from mailwarden_proxy.config.model import Flow, ProviderKind
+from mailwarden_proxy.config.model import Flow, MailProtocol, ProviderKind, UpstreamTLS
 
 MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 MICROSOFT_TOKEN_URL = MICROSOFT_AUTHORITY + "/{tenant}/oauth2/v2.0/token"
 MICROSOFT_AUTHORIZE_URL = MICROSOFT_AUTHORITY + "/{tenant}/oauth2/v2.0/authorize"
+MICROSOFT_DEVICE_CODE_URL = MICROSOFT_AUTHORITY + "/{tenant}/oauth2/v2.0/devicecode"
+# The tenant alias delegated flows use when none is given: any work or school account.
+MICROSOFT_DEFAULT_DELEGATED_TENANT = "organizations"
 MICROSOFT_RESOURCE = "https://outlook.office365.com"
 MICROSOFT_DELEGATED_SCOPES = (
     f"{MICROSOFT_RESOURCE}/IMAP.AccessAsUser.All",
@@ -85,6 +89,14 @@ def authorize_url_for(provider: ProviderKind, tenant: str | None) -> str | None:
     return None
 
 
+def device_authorization_url_for(provider: ProviderKind, tenant: str | None) -> str | None:
+    """Microsoft's device authorization endpoint. Google's device flow does not allow the
+    Gmail scope, so there is deliberately no Google preset."""
+    if provider is ProviderKind.MICROSOFT:
+        return MICROSOFT_DEVICE_CODE_URL.format(tenant=tenant) if tenant else None
+    return None
+
+
 def default_scopes(provider: ProviderKind, flow: Flow) -> tuple[str, ...]:
     if provider is ProviderKind.MICROSOFT:
         return (
@@ -149,3 +161,40 @@ def microsoft_app_only(scopes: tuple[str, ...]) -> tuple[str, ...] | None:
     resources = [r for r, _ in map(_split_microsoft, scopes) if r]
     resource = resources[0].rstrip("/") if resources else MICROSOFT_RESOURCE
     return (f"{resource}/.default",)
+
+
+@dataclass(frozen=True)
+class ServerPreset:
+    host: str
+    port: int
+    tls: UpstreamTLS
+
+
+# The mail servers each provider documents for OAuth 2.0 clients. Microsoft's SMTP
+# submission endpoint offers only STARTTLS on 587; Gmail offers implicit TLS on 465
+# (the preset) and STARTTLS on 587, which a caller gets by asking for starttls.
+SERVER_PRESETS: dict[tuple[ProviderKind, MailProtocol], ServerPreset] = {
+    (ProviderKind.MICROSOFT, MailProtocol.IMAP): ServerPreset(
+        "outlook.office365.com", 993, UpstreamTLS.IMPLICIT
+    ),
+    (ProviderKind.MICROSOFT, MailProtocol.POP3): ServerPreset(
+        "outlook.office365.com", 995, UpstreamTLS.IMPLICIT
+    ),
+    (ProviderKind.MICROSOFT, MailProtocol.SMTP): ServerPreset(
+        "smtp.office365.com", 587, UpstreamTLS.STARTTLS
+    ),
+    (ProviderKind.GOOGLE, MailProtocol.IMAP): ServerPreset(
+        "imap.gmail.com", 993, UpstreamTLS.IMPLICIT
+    ),
+    (ProviderKind.GOOGLE, MailProtocol.POP3): ServerPreset(
+        "pop.gmail.com", 995, UpstreamTLS.IMPLICIT
+    ),
+    (ProviderKind.GOOGLE, MailProtocol.SMTP): ServerPreset(
+        "smtp.gmail.com", 465, UpstreamTLS.IMPLICIT
+    ),
+}
+
+
+def server_preset(provider: ProviderKind, protocol: MailProtocol) -> ServerPreset | None:
+    """The provider's server for `protocol`, or None (generic providers have none)."""
+    return SERVER_PRESETS.get((provider, protocol))

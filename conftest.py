@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.postfix",
     "tests.fixtures.mailservers",
     "tests.fixtures.proxy",
+    "tests.fixtures.operator",
 ]

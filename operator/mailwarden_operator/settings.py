@@ -1,0 +1,149 @@
+"""Operator settings, read once from ``MAILWARDEN_*`` environment variables.
+
+Every setting has a default that works for a single-replica operator in its own
+namespace, so a Deployment needs no environment at all; a bad value fails at start-up
+with :class:`SettingsError` naming the variable, rather than later in a handler.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+PREFIX = "MAILWARDEN_"
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class SettingsError(ValueError):
+    """A ``MAILWARDEN_*`` variable holds a value the operator can't use."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator is configured with. Field docs name the environment variable."""
+
+    namespaces: tuple[str, ...] = ()
+    """``MAILWARDEN_NAMESPACES``: comma-separated namespaces to watch; empty or ``*``
+    watches all (cluster-wide RBAC needed then)."""
+
+    external_base_url: str | None = None
+    """``MAILWARDEN_EXTERNAL_BASE_URL``: how browsers reach the operator's consent
+    server, e.g. ``https://mail-admin.example.com/mailwarden`` (the callback is
+    ``<base>/oauth2/callback``). Unset: the authorization-code flow is unavailable."""
+
+    # In a pod the probes and browsers come from outside: all interfaces is the point.
+    consent_host: str = "0.0.0.0"  # noqa: S104
+    """``MAILWARDEN_CONSENT_HOST``: listen address of the consent/callback server."""
+
+    consent_port: int = 8080
+    """``MAILWARDEN_CONSENT_PORT``: its port."""
+
+    metrics_host: str = "0.0.0.0"  # noqa: S104
+    """``MAILWARDEN_METRICS_HOST``: listen address of /metrics, /healthz, /readyz."""
+
+    metrics_port: int = 8081
+    """``MAILWARDEN_METRICS_PORT``: their port; 0 disables that server."""
+
+    check_credentials: bool = True
+    """``MAILWARDEN_CHECK_CREDENTIALS``: acquire a token once when a MailAccount or its
+    Secrets change, and report the outcome in the ``Authorized`` condition."""
+
+    refresh_interval: float = 86400.0
+    """``MAILWARDEN_REFRESH_INTERVAL``: seconds (or ``30m``, ``12h``, ``7d``) between
+    keep-alive refreshes of stored refresh tokens. Providers revoke unused ones (Google
+    "testing" apps after 7 days, Microsoft after 90 days), so a day is plenty."""
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    @property
+    def callback_url(self) -> str | None:
+        """The OAuth 2.0 redirect URI to register with the identity provider."""
+        return f"{self.external_base_url}/oauth2/callback" if self.external_base_url else None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Read the settings from ``env`` (default: ``os.environ``)."""
+        env = os.environ if env is None else env
+        defaults = cls()
+
+        def get(name: str) -> str | None:
+            value = env.get(PREFIX + name, "").strip()
+            return value or None
+
+        return cls(
+            namespaces=_namespaces(get("NAMESPACES")),
+            external_base_url=_base_url(get("EXTERNAL_BASE_URL")),
+            consent_host=get("CONSENT_HOST") or defaults.consent_host,
+            consent_port=_port("CONSENT_PORT", get("CONSENT_PORT"), defaults.consent_port),
+            metrics_host=get("METRICS_HOST") or defaults.metrics_host,
+            metrics_port=_port("METRICS_PORT", get("METRICS_PORT"), defaults.metrics_port),
+            check_credentials=_bool(
+                "CHECK_CREDENTIALS", get("CHECK_CREDENTIALS"), defaults.check_credentials
+            ),
+            refresh_interval=_duration(
+                "REFRESH_INTERVAL", get("REFRESH_INTERVAL"), defaults.refresh_interval
+            ),
+        )
+
+
+def _namespaces(value: str | None) -> tuple[str, ...]:
+    if value is None or value == "*":
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    for name in names:
+        if not _NAMESPACE.match(name):
+            raise SettingsError(PREFIX + "NAMESPACES", f"{name!r} is not a namespace name")
+    return names
+
+
+def _base_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingsError(PREFIX + "EXTERNAL_BASE_URL", f"{value!r} is not an http(s) URL")
+    if parts.query or parts.fragment:
+        raise SettingsError(
+            PREFIX + "EXTERNAL_BASE_URL", "must not carry a query or fragment (it is a prefix)"
+        )
+    return value.rstrip("/")
+
+
+def _port(name: str, value: str | None, default: int) -> int:
+    if value is None:
+        return default
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise SettingsError(PREFIX + name, f"{value!r} is not a port number (0-65535)")
+    return int(value)
+
+
+def _bool(name: str, value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(PREFIX + name, f"{value!r} is not a boolean (true/false)")
+
+
+def _duration(name: str, value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    match = _DURATION.match(value)
+    seconds = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
+    if seconds <= 0:
+        raise SettingsError(PREFIX + name, f"{value!r} is not a positive duration (60, 30m, 12h)")
+    return seconds

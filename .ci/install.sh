@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-APT_PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix msmtp curl ca-certificates)
+APT_PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix msmtp curl ca-certificates chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

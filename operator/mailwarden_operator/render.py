@@ -59,6 +59,8 @@ CLIENT_CERTIFICATE_KEY = "client.crt"
 CLIENT_KEY_KEY = "client.key"
 TOKEN_SECRET_SUFFIX = "-oauth2-token"
 TOKEN_KEY = "refresh-token"
+# on <ma>-oauth2-token: the sha256 of the user-given refresh token ours was rotated from
+SEED_ANNOTATION = "mailwarden.io/refresh-token-seed-sha256"
 PROXY_SECRET_SUFFIX = "-proxy"
 CONFIG_HASH_ANNOTATION = "mailwarden.io/config-hash"
 MAILACCOUNT_LABEL = "mailwarden.io/mailaccount"
@@ -104,6 +106,9 @@ class RenderInput:
     secrets: Mapping[str, Mapping[str, bytes]]  # Secret name -> decoded data
     local_password: str | None = None
     refresh_token: str | None = None
+    # sha256 of the user's refreshTokenRef value that `refresh_token` was rotated from
+    # (annotation SEED_ANNOTATION on <ma>-oauth2-token), for the refreshToken flow
+    refresh_token_seed_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -260,13 +265,23 @@ def _local_password(inp: RenderInput, values: _Values) -> str:
     return password
 
 
+def seed_sha256(seed: str) -> str:
+    return hashlib.sha256(seed.encode()).hexdigest()
+
+
 def _refresh_token(inp: RenderInput, values: _Values) -> str | None:
     o = inp.spec.oauth2
     # The operator's own token (from a consent) is newer than any seed the user gave.
     if o.needs_consent and inp.refresh_token:
         return inp.refresh_token
     if o.refresh_token_ref is not None:
-        return values.text(o.refresh_token_ref)
+        seed = values.text(o.refresh_token_ref)
+        # The operator's keep-alive rotates the user's token; an IdP with single-use refresh
+        # tokens has retired the seed by then. Our rotation wins while it descends from the
+        # seed the user still references; a new seed from the user wins over it.
+        if inp.refresh_token and inp.refresh_token_seed_sha256 == seed_sha256(seed):
+            return inp.refresh_token
+        return seed
     if o.needs_consent:
         raise RenderError(
             "ConsentRequired",

@@ -62,6 +62,10 @@ class OperatorSettings:
     keep-alive refreshes of stored refresh tokens. Providers revoke unused ones (Google
     "testing" apps after 7 days, Microsoft after 90 days), so a day is plenty."""
 
+    token_ca_file: str | None = None
+    """``MAILWARDEN_TOKEN_CA_FILE``: an extra CA bundle (PEM) for identity providers behind
+    a private CA; the system trust store is used as well."""
+
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
@@ -94,6 +98,7 @@ class OperatorSettings:
             refresh_interval=_duration(
                 "REFRESH_INTERVAL", get("REFRESH_INTERVAL"), defaults.refresh_interval
             ),
+            token_ca_file=_existing_file("TOKEN_CA_FILE", get("TOKEN_CA_FILE")),
         )
 
 
@@ -118,6 +123,12 @@ def _base_url(value: str | None) -> str | None:
             PREFIX + "EXTERNAL_BASE_URL", "must not carry a query or fragment (it is a prefix)"
         )
     return value.rstrip("/")
+
+
+def _existing_file(name: str, value: str | None) -> str | None:
+    if value is not None and not os.path.isfile(value):
+        raise SettingsError(PREFIX + name, f"{value!r} is not a readable file")
+    return value
 
 
 def _port(name: str, value: str | None, default: int) -> int:

@@ -203,6 +203,22 @@ def test_consent_flows_prefer_the_stored_token_over_a_seed() -> None:
     assert token(refresh_token=None) == REFRESH
 
 
+def test_refresh_token_flow_uses_our_rotation_of_the_current_seed() -> None:
+    """After the keep-alive rotated the user's token, a single-use IdP retired the seed."""
+    spec = CASES["ms-refresh-token"]
+
+    def token(**changes: Any) -> str:
+        text = r.render(inp(spec, **changes)).string_data[r.CONFIG_KEY]
+        value: str = yaml.safe_load(text)["accounts"][0]["oauth2"]["refreshToken"]
+        return value
+
+    ours = {"refresh_token": STORED}
+    assert token(**ours, refresh_token_seed_sha256=r.seed_sha256(REFRESH)) == STORED
+    # the user put a new seed in their Secret: theirs wins over our older rotation
+    assert token(**ours, refresh_token_seed_sha256=r.seed_sha256("an older seed")) == REFRESH
+    assert token(**ours, refresh_token_seed_sha256=None) == REFRESH
+
+
 @pytest.mark.parametrize("section", ["web", "installed"])
 def test_google_client_json_is_accepted(section: str) -> None:
     client = {

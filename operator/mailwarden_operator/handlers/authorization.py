@@ -23,7 +23,6 @@ the checks, the device flow and the refreshes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,7 +53,6 @@ from mailwarden_proxy.config.model import Flow
 
 MAILACCOUNTS = (GROUP, VERSION, "mailaccounts")
 # An extra CA bundle for token endpoints (a private IdP; the tests' local one).
-CA_FILE_VARIABLE = "MAILWARDEN_TOKEN_CA_FILE"
 
 
 def _custody(memo: Any) -> Custody:
@@ -73,8 +71,7 @@ async def start_consent_server(*, memo: kopf.Memo, logger: kopf.Logger, **_: Any
         rt = runtime(memo)
     except RuntimeError:  # main's start-up handler makes the runtime; it runs after us
         raise kopf.TemporaryError("waiting for the operator runtime", delay=0.2) from None
-    ca_file = getattr(rt.settings, "token_ca_file", None) or os.environ.get(CA_FILE_VARIABLE)
-    custody = Custody(ca_file=ca_file or None)
+    custody = Custody(ca_file=rt.settings.token_ca_file)
     base = rt.settings.external_base_url
     if base:
         server = ConsentServer(Backend(rt, custody), base)

@@ -35,9 +35,6 @@ from mailwarden_proxy.tokens.factory import provider_for
 
 AUTHORIZED = conditions.AUTHORIZED
 REFRESH_FLOWS = frozenset({Flow.REFRESH_TOKEN, Flow.DEVICE_CODE, Flow.AUTHORIZATION_CODE})
-# Records which user-supplied refresh token (spec.oauth2.refreshTokenRef) a stored,
-# rotated token descends from: a new seed from the user must win over our older rotation.
-SEED_ANNOTATION = "mailwarden.io/refresh-token-seed-sha256"
 # render refuses consent flows without a refresh token; to build the Account used to run
 # the consent itself, it gets this stand-in, which is replaced before any use.
 _NO_TOKEN_YET = "mailwarden-consent-pending"
@@ -93,7 +90,7 @@ class Loaded:
     def seed_hash(self) -> str | None:
         """sha256 of the refresh token the user gave (refreshToken flow only)."""
         seed = self._seed if self.flow is Flow.REFRESH_TOKEN else None
-        return hashlib.sha256(seed.encode()).hexdigest() if seed else None
+        return render.seed_sha256(seed) if seed else None
 
 
 async def _get_secret(rt: Runtime, namespace: str, name: str) -> JsonObject | None:
@@ -131,7 +128,9 @@ async def load(rt: Runtime, namespace: str, name: str, ca_file: str | None) -> L
     if token_secret is not None and _owned_by(token_secret, loaded.uid):
         value = decode_data(token_secret).get(render.TOKEN_KEY, b"").decode() or None
         loaded.stored_token = value
-        seed_of_stored = (token_secret["metadata"].get("annotations") or {}).get(SEED_ANNOTATION)
+        seed_of_stored = (token_secret["metadata"].get("annotations") or {}).get(
+            render.SEED_ANNOTATION
+        )
     needs_consent = spec.oauth2.needs_consent
     try:
         rendered = render.render(
@@ -255,7 +254,7 @@ def parse_iso(value: object) -> float | None:
 async def store_refresh_token(rt: Runtime, loaded: Loaded, token: Secret) -> None:
     """Create or update `<ma>-oauth2-token` (owned by the MailAccount, key refresh-token)."""
     name = render.token_secret_name(loaded.name)
-    annotations = {SEED_ANNOTATION: loaded.seed_hash()} if loaded.seed_hash() else {}
+    annotations = {render.SEED_ANNOTATION: loaded.seed_hash()} if loaded.seed_hash() else {}
     body: JsonObject = {
         "apiVersion": "v1",
         "kind": "Secret",

@@ -167,9 +167,10 @@ async def _render_and_apply(kube: KubeClient, ma: JsonObject, logger: kopf.Logge
         if found is not None:  # absent ones: render names them in SecretNotFound
             secrets[secret_name] = decode_data(found)
     token = await _get_secret(kube, namespace, render.token_secret_name(name))
-    refresh_token = None
+    refresh_token = seed_sha256 = None
     if token is not None and _owned_by(token, meta["uid"]):
         refresh_token = decode_data(token).get(render.TOKEN_KEY, b"").decode() or None
+        seed_sha256 = (token["metadata"].get("annotations") or {}).get(render.SEED_ANNOTATION)
 
     proxy_name = render.rendered_secret_name(name)
     existing = await _get_secret(kube, namespace, proxy_name)
@@ -197,6 +198,7 @@ async def _render_and_apply(kube: KubeClient, ma: JsonObject, logger: kopf.Logge
                 secrets=secrets,
                 local_password=local_password,
                 refresh_token=refresh_token,
+                refresh_token_seed_sha256=seed_sha256,
             )
         )
     except render.RenderError as exc:

@@ -61,6 +61,8 @@ TOKEN_SECRET_SUFFIX = "-oauth2-token"
 TOKEN_KEY = "refresh-token"
 # on <ma>-oauth2-token: the sha256 of the user-given refresh token ours was rotated from
 SEED_ANNOTATION = "mailwarden.io/refresh-token-seed-sha256"
+# on a MailAccount: a new value asks the operator to check the credentials again
+CHECK_ANNOTATION = "mailwarden.io/check-credentials"
 PROXY_SECRET_SUFFIX = "-proxy"
 CONFIG_HASH_ANNOTATION = "mailwarden.io/config-hash"
 MAILACCOUNT_LABEL = "mailwarden.io/mailaccount"

@@ -123,6 +123,12 @@ def test_client_credentials_check_succeeds(
     op.wait_for_condition("app", "Ready", "True")
     assert idp.request_count("client_credentials") >= 1
 
+    # asked for a check: the operator acquires a token again
+    before = idp.request_count("client_credentials")
+    op.kube.kubectl("annotate", "-n", op.namespace, "ma", "app",
+                    "mailwarden.io/check-credentials=1", "--overwrite")  # fmt: skip
+    wait_for("a new credential check", lambda: idp.request_count("client_credentials") > before)
+
 
 def test_wrong_client_secret_names_the_idp_error_never_the_secret(
     start_operator: Callable[..., OperatorRunner], idp: LocalIdP

@@ -91,11 +91,14 @@ async def stop_consent_server(*, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(*MAILACCOUNTS)
 def mailaccount_event(*, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    # Only spec changes (generation) matter; our own status writes must not wake the daemon.
+    # Only spec changes (generation) and a person asking for a check matter; our own
+    # status writes must not wake the daemon.
     custody = getattr(memo, "custody", None)
     if isinstance(custody, Custody) and type is not None:
         uid = str(body.metadata.uid)
         custody.trigger(uid, f"generation/{uid}", body.metadata.get("generation"))
+        asked = (body.metadata.annotations or {}).get(render.CHECK_ANNOTATION)
+        custody.trigger(uid, f"asked/{uid}", asked)
 
 
 @kopf.on.event("", "v1", "secrets", labels={render.MAILACCOUNT_LABEL: kopf.PRESENT})

@@ -183,6 +183,8 @@ async def load(rt: Runtime, namespace: str, name: str, ca_file: str | None) -> L
     # look like a change that calls for another check.
     basis = {k: v for k, v in oauth2.items() if k not in ("refreshToken",)}
     basis["seed"] = loaded.seed_hash()
+    # `kubectl annotate ma NAME mailwarden.io/check-credentials=$(date +%s) --overwrite`
+    basis["asked"] = (loaded.ma["metadata"].get("annotations") or {}).get(render.CHECK_ANNOTATION)
     basis["files"] = dict(loaded.files)
     digest = hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode())
     loaded.fingerprint = digest.hexdigest()

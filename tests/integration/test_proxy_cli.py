@@ -48,6 +48,19 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
     raise AssertionError(f"port {port} never opened")
 
 
+def _login_once_loaded(port: int, user: str, failure: str, timeout: float = 10) -> None:
+    """Log in as `user`, retrying until the proxy has loaded the account that has it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            try:
+                client.login(user, LOCAL_PASSWORD)
+                return
+            except smtplib.SMTPAuthenticationError:
+                assert time.monotonic() < deadline, failure
+                time.sleep(0.1)
+
+
 def _write(path: Path, cfg: ProxyConfig) -> None:
     path.write_text(yaml.safe_dump(to_native(cfg, mask=False), sort_keys=False))
 
@@ -127,15 +140,7 @@ def test_sighup_reloads_without_dropping_sessions_and_sigterm_drains(
         # add an account and reload: the open session keeps working
         _write(path, replace(cfg, accounts=(*cfg.accounts, app_account(idp, "b@example.com"))))
         proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while True:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-                try:
-                    client.login("b@example.com", LOCAL_PASSWORD)
-                    break
-                except smtplib.SMTPAuthenticationError:
-                    assert time.monotonic() < deadline, "reload never applied"
-                    time.sleep(0.1)
+        _login_once_loaded(port, "b@example.com", "reload never applied")
         live.sendmail("a@example.com", ["x@example.com"], b"Subject: after reload\r\n\r\nhi\r\n")
 
         # a broken file is refused; the running configuration stays
@@ -180,15 +185,7 @@ def test_a_changed_config_file_is_picked_up_without_a_signal(
         staged = tmp_path / "proxy.yaml.new"
         _write(staged, replace(cfg, accounts=(*cfg.accounts, app_account(idp, "c@example.com"))))
         staged.rename(path)  # an atomic swap, as the kubelet does with ..data
-        deadline = time.monotonic() + 10
-        while True:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-                try:
-                    client.login("c@example.com", LOCAL_PASSWORD)
-                    break
-                except smtplib.SMTPAuthenticationError:
-                    assert time.monotonic() < deadline, "the changed file was never loaded"
-                    time.sleep(0.1)
+        _login_once_loaded(port, "c@example.com", "the changed file was never loaded")
     finally:
         proc.terminate()
         proc.wait(timeout=15)

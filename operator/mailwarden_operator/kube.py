@@ -36,6 +36,7 @@ MAX_BODY_IN_MESSAGE = 300
 EVENT_MESSAGE_LIMIT = 1024  # the apiserver refuses longer core/v1 Event messages
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
 COMPONENT = "mailwarden-operator"
+LIST_PAGE = 500
 
 
 class KubeError(Exception):
@@ -321,22 +322,36 @@ class KubeClient:
 
     async def list_pods(
         self,
-        namespace: str,
+        namespace: str | None,
         *,
         label_selector: str | None = None,
-        annotation: tuple[str, str] | None = None,
+        annotation: tuple[str, str | None] | None = None,
     ) -> list[JsonObject]:
-        """Pods matching a label selector; ``annotation=(key, value)`` filters further on
-        the client side, since the API has no annotation selectors."""
-        params = {"labelSelector": label_selector} if label_selector else None
-        result = await self.request(
-            "GET", f"/api/v1/namespaces/{quote(namespace)}/pods", params=params
-        )
-        pods = list(result.get("items") or [])
+        """Pods matching a label selector, in ``namespace`` or (``None``) all namespaces,
+        fetched in pages so a large cluster doesn't make one huge response.
+        ``annotation=(key, value)`` filters further on the client side (the API has no
+        annotation selectors); value ``None`` matches any value."""
+        path = f"/api/v1/namespaces/{quote(namespace)}/pods" if namespace else "/api/v1/pods"
+        pods: list[JsonObject] = []
+        params = {"limit": str(LIST_PAGE)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        while True:
+            result = await self.request("GET", path, params=params)
+            pods += result.get("items") or []
+            token = (result.get("metadata") or {}).get("continue")
+            if not token:
+                break
+            params["continue"] = token
         if annotation is not None:
             key, value = annotation
-            pods = [p for p in pods if (p["metadata"].get("annotations") or {}).get(key) == value]
+            pods = [p for p in pods if _annotated(p, key, value)]
         return pods
+
+
+def _annotated(obj: Mapping[str, Any], key: str, value: str | None) -> bool:
+    notes = (obj.get("metadata") or {}).get("annotations") or {}
+    return key in notes if value is None else notes.get(key) == value
 
 
 async def connect() -> KubeClient:

@@ -22,7 +22,8 @@ from typing import Any
 import kopf
 
 from mailwarden_operator import handlers
-from mailwarden_operator.handlers import mailaccount
+from mailwarden_operator.handlers import injection, mailaccount
+from mailwarden_operator.injection import INJECT_ANNOTATION
 from mailwarden_operator.kube import GROUP, VERSION
 from mailwarden_operator.settings import OperatorSettings
 
@@ -42,12 +43,14 @@ async def startup(
 ) -> None:
     configure(settings)
     rt = await handlers.startup(memo, logger)
+    await injection.startup(rt, settings, memo, logger)
     if rt.health is not None:
         rt.health.ready = True
 
 
 @kopf.on.cleanup()
 async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
+    await injection.cleanup(memo)
     await handlers.cleanup(memo)
 
 
@@ -99,6 +102,37 @@ async def secret_event(
         namespace=namespace or "",
         name=name,
         index=index,
+        logger=logger,
+    )
+
+
+@kopf.on.mutate(
+    "",
+    "v1",
+    "pods",
+    id=injection.WEBHOOK_ID,
+    operations=["CREATE"],
+    annotations={INJECT_ANNOTATION: kopf.PRESENT},
+    # Read only by kopf's own configuration (MAILWARDEN_WEBHOOK_MANAGED, development):
+    # an operator that is down must not block every pod of the cluster.
+    ignore_failures=True,
+)
+async def inject_proxy(
+    *,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    warnings: list[str],
+    dryrun: bool,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    await injection.mutate(
+        handlers.runtime(memo),
+        body=body,
+        patch=patch,
+        warnings=warnings,
+        dryrun=dryrun,
         logger=logger,
     )
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 READY_VALUES = ("True", "False", "Unknown")
 RESULTS = ("success", "failure", "error")
+INJECTION_RESULTS = ("injected", "unchanged", "refused")
 
 
 class OperatorMetrics:
@@ -34,6 +35,11 @@ class OperatorMetrics:
       operator or the API failed; kopf retries).
     - ``reconcile_duration_seconds``: wall time of one reconcile.
     - ``mailaccounts{ready}``: MailAccounts by their Ready condition's status.
+    - ``injections_total{result}``: admission requests for annotated pods: ``injected``,
+      ``unchanged`` (already injected), ``refused`` (refused, or admitted without the
+      sidecar under failurePolicy Ignore).
+    - ``pods_not_injected{namespace}``: pods that asked for the sidecar but run without
+      it, as of the last periodic check.
     """
 
     def __init__(self) -> None:
@@ -56,8 +62,23 @@ class OperatorMetrics:
             ["ready"],
             registry=self.registry,
         )
+        self.injections = Counter(
+            "mailwarden_operator_injections",
+            "Admission requests for pods asking for the mail proxy sidecar, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.pods_not_injected = Gauge(
+            "mailwarden_operator_pods_not_injected",
+            "Pods annotated mailwarden.io/inject running without the sidecar (last check).",
+            ["namespace"],
+            registry=self.registry,
+        )
         for result in RESULTS:  # zero series exist before the first reconcile
             self.reconciles.labels(result)
+        for result in INJECTION_RESULTS:
+            self.injections.labels(result)
+        self._not_injected: set[str] = set()
         self._ready: dict[tuple[str, str], str] = {}
         self._publish()
 
@@ -69,6 +90,15 @@ class OperatorMetrics:
         else:
             self._ready[key] = ready if ready in READY_VALUES else "Unknown"
         self._publish()
+
+    def observe_not_injected(self, counts: dict[str, int]) -> None:
+        """Publish one check's pods-not-injected counts by namespace. Namespaces that had
+        some and have none now go to 0 (not absent), so alerts resolve visibly."""
+        for namespace in self._not_injected - counts.keys():
+            self.pods_not_injected.labels(namespace).set(0)
+        for namespace, count in counts.items():
+            self.pods_not_injected.labels(namespace).set(count)
+        self._not_injected |= counts.keys()
 
     def _publish(self) -> None:
         tally = Tally(self._ready.values())

@@ -23,6 +23,7 @@ def test_examples_apply_and_render(operator_runner: OperatorRunner) -> None:
     assert len(names) == 4
     for name in names:
         assert f"mailaccount.mailwarden.io/{name} created" in result.stdout
+    assert "deployment.apps/legacy-app created" in result.stdout
     # no network here: the configuration renders, the token endpoints can't be reached
     for name in ("vault-notifications", "helpdesk"):
         operator_runner.wait_for_condition(name, "ConfigRendered", "True")

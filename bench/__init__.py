@@ -1,0 +1,1 @@
+"""Benchmarks: mailwarden against a direct XOAUTH2 client and against emailproxy (see README)."""

@@ -1,0 +1,1 @@
+"""One module per workload; each `run(bench)` returns its figures, paths interleaved."""

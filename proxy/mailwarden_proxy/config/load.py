@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from mailwarden_proxy.config import emailproxy, native
 from mailwarden_proxy.config.errors import ConfigError
 from mailwarden_proxy.config.model import ProxyConfig
@@ -30,6 +28,8 @@ def detect_format(text: str) -> Format:
 
 
 def _yaml(text: str, source: str) -> object:
+    import yaml  # here, not at the top: an emailproxy (INI) file never needs PyYAML
+
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
@@ -83,5 +83,7 @@ def describe(config: ProxyConfig) -> str:
         )
     if config.allow_catch_all_accounts:
         header.append("# catch-all accounts (@domain, @) are enabled")
+    import yaml
+
     body = yaml.safe_dump(to_native(config), sort_keys=False, default_flow_style=False, width=100)
     return "\n".join(header) + "\n" + body

@@ -12,6 +12,10 @@ from typing import Protocol
 
 from mailwarden_proxy.secret import Secret
 
+# seconds, connect and read each; here rather than in `tokens.http` so that choosing a
+# provider (`tokens.factory`) doesn't import requests before the first token request
+DEFAULT_TIMEOUT = 15.0
+
 
 @dataclass(frozen=True)
 class AccessToken:

@@ -2,15 +2,21 @@
 
 Provider modules are imported here, inside the function, and only for the provider an
 account names: msal and google-auth together add ~25 MB to a process that may need
-neither.
+neither. The generic provider is imported the same way: every provider module imports
+requests (with urllib3, charset_normalizer and idna: 6 MB of an idle proxy's 40 MB RSS)
+and the broker imports this module at start-up, so requests waits for the first token
+request.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mailwarden_proxy.config.model import Account, Flow, ProviderKind
-from mailwarden_proxy.tokens.base import TokenProvider
-from mailwarden_proxy.tokens.generic import GenericProvider, RefreshTokenHook
-from mailwarden_proxy.tokens.http import DEFAULT_TIMEOUT
+from mailwarden_proxy.tokens.base import DEFAULT_TIMEOUT, TokenProvider
+
+if TYPE_CHECKING:
+    from mailwarden_proxy.tokens.generic import RefreshTokenHook
 
 
 def provider_for(
@@ -33,4 +39,6 @@ def provider_for(
 
         return GoogleProvider(account, on_refresh_token=on_refresh_token, timeout=timeout)
     # generic endpoints, and Google flows google-auth has no class for (e.g. a public client)
+    from mailwarden_proxy.tokens.generic import GenericProvider
+
     return GenericProvider(account, on_refresh_token=on_refresh_token, timeout=timeout)

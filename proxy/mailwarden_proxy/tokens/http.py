@@ -15,7 +15,9 @@ from typing import Any
 import requests
 from requests.utils import get_environ_proxies
 
-DEFAULT_TIMEOUT = 15.0  # seconds, connect and read each
+from mailwarden_proxy.tokens.base import DEFAULT_TIMEOUT
+
+__all__ = ["DEFAULT_TIMEOUT", "TokenSession", "make_session"]
 
 
 class TokenSession(requests.Session):

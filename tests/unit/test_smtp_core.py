@@ -739,3 +739,124 @@ def test_token_is_never_inline_and_never_in_repr() -> None:
     assert actions[-1] == U(b"AUTH XOAUTH2\r\n")
     assert TOKEN not in repr(core.__dict__.get("actions"))
     assert PASSWORD not in repr(actions)
+
+
+# -- resuming from a warm upstream (relay.pool) -------------------------------------------
+#
+# A session given a pooled connection skips the upstream prelude: `resume` greets the
+# client at once with the extensions a warm-up core learnt. Every scenario above that
+# starts with the plain prelude must behave the same from a resumed core, minus the
+# prelude's own actions.
+
+WARM_EXTENSIONS = (
+    b"PIPELINING",
+    b"SIZE 35882577",
+    b"AUTH LOGIN PLAIN XOAUTH2 OAUTHBEARER",
+    b"AUTH=LOGIN PLAIN",
+    b"8BITMIME",
+    b"SMTPUTF8",
+    b"CHUNKING",
+)
+RESUMABLE = [
+    c
+    for c in CASES
+    if c.steps[: len(PRELUDE)] == PRELUDE
+    and c.expected[: len(PRELUDE_OUT)] == PRELUDE_OUT
+    and not c.upstream.starttls
+]
+
+
+def resumed(case: Case, *, upstream_tls: bool = False) -> SmtpCore:
+    core = SmtpCore(case.upstream, case.local, max_line=case.max_line)
+    core.resume(WARM_EXTENSIONS, upstream_tls=upstream_tls)
+    return core
+
+
+def test_warm_extensions_are_what_the_prelude_learns() -> None:
+    core = SmtpCore(UPSTREAM)
+    run(core, PRELUDE, bytewise=False)
+    assert core.upstream_extensions == WARM_EXTENSIONS
+    assert core.upstream_ready and not core.upstream_tls
+    assert len(RESUMABLE) > 30  # the filter above keeps most of the table
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+@pytest.mark.parametrize("case", RESUMABLE, ids=[c.name for c in RESUMABLE])
+def test_resumed_scenario(case: Case, bytewise: bool) -> None:
+    core = resumed(case)
+    assert core.state is SmtpState.COMMAND and core.upstream_ready
+    greeting = drain(core)
+    actions = run(core, case.steps[len(PRELUDE) :], bytewise)
+    assert greeting + actions == [C(GREETING), *case.expected[len(PRELUDE_OUT) :]]
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+def test_resumed_after_upstream_starttls(bytewise: bool) -> None:
+    case = Case("starttls", [], [], upstream=replace(UPSTREAM, starttls=True))
+    core = resumed(case, upstream_tls=True)
+    steps: list[Step] = [
+        ("c", b"EHLO app.local\r\nAUTH PLAIN " + PLAIN + b"\r\n"),
+        GIVE,
+        ("u", b"334 \r\n"),
+        ("u", b"235 2.7.0 ok\r\n250 early\r\n"),
+    ]
+    assert run(core, steps, bytewise) == [
+        C(GREETING),
+        C(OUR_EHLO),
+        LOGGED,
+        U(b"AUTH XOAUTH2\r\n"),
+        U(XO_RESPONSE),
+        *LOGIN_OK,
+        Splice(to_client=b"250 early\r\n"),
+    ]
+    assert core.upstream_tls
+
+
+def test_resume_answers_an_early_talker_after_the_greeting() -> None:
+    core = SmtpCore(UPSTREAM)
+    core.receive_client(b"EHLO app\r\nNOOP\r\n")
+    assert drain(core) == []
+    core.resume(WARM_EXTENSIONS, upstream_tls=False)
+    assert drain(core) == [C(GREETING), C(OUR_EHLO), C(b"250 2.0.0 OK\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        (
+            [("u", b"421 4.4.2 idle timeout\r\n")],
+            [
+                C(b"421 4.4.2 mailwarden upstream connection failed\r\n"),
+                Close("upstream sent data out of turn"),
+            ],
+        ),
+        (
+            [("uclose",)],
+            [
+                C(b"421 4.4.2 mailwarden upstream closed the connection\r\n"),
+                Close("upstream closed the connection"),
+            ],
+        ),
+    ],
+    ids=["out of turn", "closed"],
+)
+def test_resumed_upstream_failures_after_the_greeting(
+    steps: list[Step], expected: list[Action]
+) -> None:
+    for bytewise in (False, True):
+        core = resumed(Case("x", [], []))
+        assert run(core, steps, bytewise) == [C(GREETING), *expected]
+
+
+def test_resume_misuse() -> None:
+    with pytest.raises(RuntimeError):  # STARTTLS configured: never resume in plaintext
+        SmtpCore(replace(UPSTREAM, starttls=True)).resume(WARM_EXTENSIONS, upstream_tls=False)
+    core = SmtpCore(UPSTREAM)
+    run(core, PRELUDE, bytewise=False)
+    with pytest.raises(RuntimeError):  # only as the first call
+        core.resume(WARM_EXTENSIONS, upstream_tls=False)
+    gone = SmtpCore(UPSTREAM)
+    gone.client_closed()
+    drain(gone)
+    gone.resume(WARM_EXTENSIONS, upstream_tls=False)  # the client left first: ignored
+    assert drain(gone) == [] and gone.finished

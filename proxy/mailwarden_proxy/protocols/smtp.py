@@ -36,6 +36,9 @@ The steps SMTP shares with the POP3 core (the token exchange with its one retry,
 login, the TLS and greeting bookkeeping) are in `replies.SaslUpstreamCore`; this module
 parses SMTP replies and commands and decides which step each one means.
 
+A session given a warm upstream connection (`relay.pool`) skips the first half: `resume`
+takes the extensions and TLS state a warm-up core learnt and greets the client at once.
+
 Choices: a command line longer than `max_line` gets `500 5.5.6 Line too long` and the
 session is closed (the line buffer cannot resynchronise without reading the rest);
 AUTH needs an EHLO or HELO first, and again after STARTTLS (RFC 3207 §4.2: everything
@@ -185,7 +188,43 @@ class SmtpCore(SaslUpstreamCore[SmtpState]):
             self.to_upstream(b"STARTTLS" + CRLF)
             self.state = SmtpState.UPSTREAM_STARTTLS
             return
-        self._greet_client(b"220 " + self._host + b" ESMTP mailwarden ready")
+        self._greet_client(self._greeting)
+
+    @property
+    def _greeting(self) -> bytes:
+        return b"220 " + self._host + b" ESMTP mailwarden ready"
+
+    # -- starting from a warm upstream (relay.pool) ----------------------------------------
+
+    @property
+    def upstream_ready(self) -> bool:
+        """The upstream prelude (greeting, EHLO, STARTTLS, EHLO) is done: the client may
+        be greeted, or has been."""
+        return self._client_greeted
+
+    @property
+    def upstream_tls(self) -> bool:
+        """STARTTLS was done upstream (implicit TLS is the I/O layer's, not counted)."""
+        return self._upstream_tls
+
+    def resume(self, upstream_extensions: tuple[bytes, ...], *, upstream_tls: bool) -> None:
+        """Start on an upstream connection whose prelude another core already did.
+
+        Instead of waiting for the upstream greeting, the core greets the client now and
+        answers EHLO from `upstream_extensions` (the second EHLO's lines after the first,
+        as in `upstream_extensions`); everything after the greeting is unchanged. Only
+        valid as the first call; a finished core (client already gone) ignores it.
+        """
+        if self.finished:
+            return
+        self._expect(SmtpState.UPSTREAM_GREETING)
+        if self.upstream.starttls and not upstream_tls:
+            # never log in over plaintext where the configuration asks for STARTTLS
+            raise RuntimeError("SmtpCore: resume without the upstream STARTTLS configured")
+        self.upstream_extensions = tuple(upstream_extensions)
+        self._upstream_tls = upstream_tls
+        self._greet_client(self._greeting)
+        self._process()  # an early talker's buffered commands
 
     def _on_token_reply(self, reply: SmtpReply) -> None:
         if reply.code == 235:

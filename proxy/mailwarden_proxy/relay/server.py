@@ -26,6 +26,7 @@ from mailwarden_proxy.protocols.imap import ImapCore
 from mailwarden_proxy.protocols.pop3 import Pop3Core
 from mailwarden_proxy.protocols.session import LocalInfo, SessionCore, UpstreamInfo
 from mailwarden_proxy.protocols.smtp import SmtpCore
+from mailwarden_proxy.relay.pool import UpstreamPool
 from mailwarden_proxy.relay.session import ProxySession, SessionContext, TokenSource
 from mailwarden_proxy.relay.tls import local_context, upstream_context
 
@@ -84,12 +85,13 @@ class ProxyServer:
         self.metrics = metrics or ProxyMetrics()
         self.passwords = LocalPasswords()
         self._servers: dict[Listener, asyncio.Server] = {}
+        self._pools: dict[Listener, UpstreamPool] = {}
         self._sessions: set[ProxySession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = False
 
     def _context(self, listener: Listener) -> SessionContext:
-        return SessionContext(
+        ctx = SessionContext(
             listener=listener,
             config=lambda: self.config,
             tokens=self.tokens,
@@ -103,6 +105,15 @@ class ProxyServer:
             local_tls=local_context(listener),
             make_core=core_factory(listener, self.config),
         )
+        if listener.protocol is MailProtocol.SMTP:  # IMAP and POP3: not yet
+            ctx.pool = UpstreamPool(
+                listener,
+                ctx.upstream_tls,
+                # the warm-up runs the sessions' own core, without a client
+                make_core=lambda: cast(SmtpCore, ctx.make_core(False)),
+                timeout=lambda: self.config.limits.login_timeout,
+            )
+        return ctx
 
     async def _bind(self, listener: Listener) -> None:
         ctx = self._context(listener)
@@ -116,6 +127,8 @@ class ProxyServer:
             reuse_address=True,
         )
         self._servers[listener] = server
+        if ctx.pool is not None:
+            self._pools[listener] = ctx.pool
         log.info(
             "listening %s on %s:%s -> %s:%s (%s)",
             listener.name,
@@ -138,6 +151,13 @@ class ProxyServer:
                 port: int = server.sockets[0].getsockname()[1]
                 return port
         raise KeyError(listener_name)
+
+    def idle_upstreams(self, listener_name: str) -> int:
+        """Warm upstream connections waiting for a session (0 without a pool)."""
+        for listener, pool in self._pools.items():
+            if listener.name == listener_name:
+                return pool.idle
+        return 0
 
     def start_session(self, ctx: SessionContext, transport: asyncio.Transport) -> None:
         session = ProxySession(ctx, transport)
@@ -162,6 +182,9 @@ class ProxyServer:
         for listener in old - new:
             # close() only stops accepting: sessions of this listener keep running
             self._servers.pop(listener).close()
+            pool = self._pools.pop(listener, None)
+            if pool is not None:  # idle upstream connections only; sessions keep theirs
+                pool.close()
         self.config = config
         for listener in config.listeners:
             if listener not in self._servers:
@@ -177,6 +200,9 @@ class ProxyServer:
         for server in self._servers.values():
             server.close()
         self._servers.clear()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     async def drain(self, grace: float) -> None:
         """Stop accepting, let sessions finish for `grace` seconds, then cut the rest."""

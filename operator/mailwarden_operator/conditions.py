@@ -124,3 +124,27 @@ def changed(old: object, new: object) -> bool:
     an unchanged state compares equal, and a real transition never looks unchanged.
     """
     return bool(old != new)
+
+
+def record(
+    conditions: Sequence[Condition],
+    *,
+    type: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> list[Condition]:
+    """Set one condition and derive Ready from the result: what every writer of a
+    condition owes the others, since Ready depends on all of them."""
+    updated = set_condition(
+        conditions,
+        type=type,
+        status=status,
+        reason=reason,
+        message=message,
+        generation=generation,
+        now=now,
+    )
+    return derive_ready(updated, generation, now)

@@ -16,6 +16,7 @@ from mailwarden_operator.conditions import (
     changed,
     derive_ready,
     get_condition,
+    record,
     set_condition,
     timestamp,
 )
@@ -162,3 +163,12 @@ def test_changed_is_exact_equality() -> None:
     assert changed(conds, put(conds, AUTHORIZED, True, generation=2))
     assert changed(None, [])
     assert not changed([], [])
+
+
+def test_record_sets_the_condition_and_derives_ready() -> None:
+    conds = put([], AUTHORIZED, True)
+    conds = record(conds, type=CONFIG_RENDERED, status=True, reason="Rendered", message="ok",
+                   generation=2, now=T1)  # fmt: skip
+    ready = get_condition(conds, READY)
+    assert ready is not None and ready["status"] == "True"
+    assert get_condition(conds, CONFIG_RENDERED)["observedGeneration"] == 2  # type: ignore[index]

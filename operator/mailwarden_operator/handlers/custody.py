@@ -327,7 +327,7 @@ async def write_status(
         now = dt.datetime.now(dt.UTC)
         generation = int(meta.get("generation", 0))
         if verdict is not None:
-            new = conditions.set_condition(
+            new = conditions.record(
                 old,
                 type=AUTHORIZED,
                 status=verdict.status,
@@ -336,7 +336,6 @@ async def write_status(
                 generation=generation,
                 now=now,
             )
-            new = conditions.derive_ready(new, generation, now)
         desired: JsonObject = {"conditions": new, **fields}
         if not any(conditions.changed(status.get(k), v) for k, v in desired.items()):
             return ma

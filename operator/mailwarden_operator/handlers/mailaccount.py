@@ -278,7 +278,7 @@ async def _write_status(
     status = ma.get("status") or {}
     old = list(status.get("conditions") or [])
     now = dt.datetime.now(dt.UTC)
-    new = conditions.set_condition(
+    new = conditions.record(
         old,
         type=CONFIG_RENDERED,
         status=outcome.ok,
@@ -287,7 +287,6 @@ async def _write_status(
         generation=generation,
         now=now,
     )
-    new = conditions.derive_ready(new, generation, now)
     desired: JsonObject = {"conditions": new, "observedGeneration": generation}
     secret_name = outcome.secret_name or status.get("configSecretName")
     if secret_name:

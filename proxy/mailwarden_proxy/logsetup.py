@@ -80,5 +80,7 @@ def configure(verbosity: int = 0, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
     # msal and urllib3 at DEBUG print request details; keep them quieter than ours
-    for noisy in ("msal", "urllib3", "google", "mail.log"):
+    for noisy in ("msal", "urllib3", "google"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
+    # aiosmtpd (the demo's mail server) warns about its own deprecated API on every AUTH
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if verbosity > 1 else logging.ERROR)

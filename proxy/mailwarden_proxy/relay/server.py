@@ -133,7 +133,7 @@ class ProxyServer:
             "listening %s on %s:%s -> %s:%s (%s)",
             listener.name,
             listener.local_address,
-            listener.local_port,
+            server.sockets[0].getsockname()[1],  # the bound port, also when 0 was asked
             listener.upstream.host,
             listener.upstream.port,
             listener.upstream.tls.value,

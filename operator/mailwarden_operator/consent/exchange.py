@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-import requests
-
 from mailwarden_proxy.config.model import Account, ProviderKind
 from mailwarden_proxy.secret import Secret
-from mailwarden_proxy.tokens.base import PermanentTokenError, TemporaryTokenError
-from mailwarden_proxy.tokens.errors import from_exception, from_http, from_token_response
-from mailwarden_proxy.tokens.http import DEFAULT_TIMEOUT, make_session
+from mailwarden_proxy.tokens.base import PermanentTokenError
+from mailwarden_proxy.tokens.errors import from_token_response
+from mailwarden_proxy.tokens.http import DEFAULT_TIMEOUT, make_session, post_token_request
 
 # OpenID scopes added to the authorization request so the answer carries an id_token that
 # names who signed in (checked against spec.username). Generic providers may not speak
@@ -102,17 +100,9 @@ def exchange_code(
     session = make_session(oauth2.token_url, oauth2.ca_file, timeout)
     started = time.time()
     try:
-        response = session.post(oauth2.token_url, data=data, headers={"Accept": "application/json"})
-    except requests.RequestException as exc:
-        raise from_exception(exc) from None  # unchained: the request body holds the code
+        body = post_token_request(session, oauth2.token_url, data)
     finally:
         session.close()
-    if response.status_code != 200:
-        raise from_http(response.status_code, response.text)
-    try:
-        body = response.json()
-    except ValueError:
-        raise TemporaryTokenError("bad_response", "token response is not JSON") from None
     _, expires_in, refresh = from_token_response(body)
     return CodeGrant(
         Secret(refresh) if refresh else None,

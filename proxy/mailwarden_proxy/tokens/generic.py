@@ -13,13 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 
-import requests
-
 from mailwarden_proxy.config.model import Account, Flow
 from mailwarden_proxy.secret import Secret
-from mailwarden_proxy.tokens.base import AccessToken, PermanentTokenError, TemporaryTokenError
-from mailwarden_proxy.tokens.errors import from_exception, from_http, from_token_response
-from mailwarden_proxy.tokens.http import DEFAULT_TIMEOUT, make_session
+from mailwarden_proxy.tokens.base import AccessToken, PermanentTokenError
+from mailwarden_proxy.tokens.errors import from_token_response
+from mailwarden_proxy.tokens.http import DEFAULT_TIMEOUT, make_session, post_token_request
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +112,7 @@ class GenericProvider:
                 self.refresh_token.current, "consent_required", "a refresh token"
             )
         started = time.time()
-        try:
-            response = self._session.post(
-                oauth2.token_url, data=data, headers={"Accept": "application/json"}
-            )
-        except requests.RequestException as exc:
-            raise from_exception(exc) from None  # no chaining: keep the request out of logs
-        if response.status_code != 200:
-            raise from_http(response.status_code, response.text)
-        try:
-            body = response.json()
-        except ValueError:
-            raise TemporaryTokenError("bad_response", "token response is not JSON") from None
+        body = post_token_request(self._session, oauth2.token_url, data)
         value, expires_in, refresh = from_token_response(body)
         self.refresh_token.update(refresh)
         return AccessToken(Secret(value), started + expires_in)

@@ -15,9 +15,10 @@ from typing import Any
 import requests
 from requests.utils import get_environ_proxies
 
-from mailwarden_proxy.tokens.base import DEFAULT_TIMEOUT
+from mailwarden_proxy.tokens.base import DEFAULT_TIMEOUT, TemporaryTokenError
+from mailwarden_proxy.tokens.errors import from_exception, from_http
 
-__all__ = ["DEFAULT_TIMEOUT", "TokenSession", "make_session"]
+__all__ = ["DEFAULT_TIMEOUT", "TokenSession", "make_session", "post_token_request"]
 
 
 class TokenSession(requests.Session):
@@ -42,3 +43,21 @@ def make_session(url: str, ca_file: str | None, timeout: float = DEFAULT_TIMEOUT
     session.verify = ca_file or True
     session.proxies.update(get_environ_proxies(url))
     return session
+
+
+def post_token_request(session: requests.Session, url: str, data: dict[str, str]) -> Any:
+    """POST a form to a token endpoint and return its JSON body; raises TokenError.
+
+    Errors are raised unchained: the request (and so the exception's context) holds the
+    credentials or the authorization code.
+    """
+    try:
+        response = session.post(url, data=data, headers={"Accept": "application/json"})
+    except requests.RequestException as exc:
+        raise from_exception(exc) from None
+    if response.status_code != 200:
+        raise from_http(response.status_code, response.text)
+    try:
+        return response.json()
+    except ValueError:
+        raise TemporaryTokenError("bad_response", "token response is not JSON") from None

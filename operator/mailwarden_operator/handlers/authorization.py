@@ -49,6 +49,7 @@ from mailwarden_operator.handlers.custody import (
 from mailwarden_operator.handlers.guardian import Custody, Guardian
 from mailwarden_operator.kube import GROUP, VERSION
 from mailwarden_operator.kube import MAILACCOUNTS as API_PATH
+from mailwarden_proxy.catalogue import diagnose_token_error
 from mailwarden_proxy.config.model import Flow
 
 MAILACCOUNTS = (GROUP, VERSION, "mailaccounts")
@@ -207,4 +208,8 @@ class Backend:
 
     async def refused(self, target: ConsentTarget, reason: str, message: str) -> None:
         ma = await self.rt.kube.get_mailaccount(target.namespace, target.name)
-        await event(self.rt, ma, "ConsentFailed", f"{reason}: {message}", warning=True)
+        text = f"{reason}: {message}"
+        entry = diagnose_token_error(reason, message, username=target.account.username).entry
+        if entry.reason != "TokenRequestFailed":  # recognised: say what fixes it
+            text = f"{entry.reason}: {entry.cause} Fix: {entry.fix} ({text})"
+        await event(self.rt, ma, "ConsentFailed", text, warning=True)

@@ -27,6 +27,7 @@ from mailwarden_operator.handlers import Runtime
 from mailwarden_operator.kube import Conflict, JsonObject, KubeError, NotFound, decode_data
 from mailwarden_operator.kube import encode_data as _encode
 from mailwarden_operator.spec import MailAccountSpec, SpecError, parse_spec
+from mailwarden_proxy.catalogue import diagnose_token_error
 from mailwarden_proxy.config import native
 from mailwarden_proxy.config.model import Account, Flow
 from mailwarden_proxy.secret import Secret
@@ -222,9 +223,12 @@ def fetch_token(account: Account, files: Mapping[str, str], timeout: float) -> F
     return Fetched(token.expires_at, rotated[-1] if rotated else None)
 
 
-def verdict_for(error: TokenError, flow: Flow | None, host: str) -> Verdict:
-    """Authorized=False with a reason from the IdP's error code and a message carrying the
-    code and description (which the proxy's error mapping already scrubbed of secrets)."""
+def verdict_for(error: TokenError, flow: Flow | None, host: str, username: str = "") -> Verdict:
+    """Authorized=False with a reason from the IdP's error code and a message that starts
+    with the error catalogue's reason code, cause and fix (what `kubectl describe ma`
+    should show), then the IdP's code and description (which the proxy's error mapping
+    already scrubbed of secrets). The condition reason stays the coarse one the operator
+    acts on (ConsentRequired restarts the consent); the catalogue code is the precise one."""
     code = error.code
     if error.temporary:
         reason = "IdentityProviderUnavailable"
@@ -237,7 +241,12 @@ def verdict_for(error: TokenError, flow: Flow | None, host: str) -> Verdict:
     else:
         reason = "".join(part.capitalize() for part in code.split("_"))
     detail = f"{code}: {error.description}" if error.description else code
-    return Verdict(False, reason, f"token endpoint {host} refused: {detail}")
+    entry = diagnose_token_error(code, error.description, username=username).entry
+    return Verdict(
+        False,
+        reason,
+        f"{entry.reason}: {entry.cause} Fix: {entry.fix} (token endpoint {host} refused: {detail})",
+    )
 
 
 def iso(timestamp: float) -> str:
@@ -356,10 +365,21 @@ async def _events(rt: Runtime, ma: JsonObject, old: list[Any], new: list[Any]) -
     for kind in (AUTHORIZED, conditions.READY):
         before = conditions.get_condition(old, kind) or {}
         after = conditions.get_condition(new, kind) or {}
-        if not after or (before.get("status"), before.get("reason")) == (
+        if not after:
+            continue
+        same = (before.get("status"), before.get("reason")) == (
             after.get("status"),
             after.get("reason"),
-        ):
+        )
+        # a failure that turned into another one (a new catalogue reason, another IdP
+        # error) under the same condition reason still deserves its Warning Event
+        refailed = (
+            kind == AUTHORIZED
+            and after.get("status") == "False"
+            and before.get("message") != after.get("message")
+            and "(token endpoint " in str(after.get("message"))  # from `verdict_for`
+        )
+        if same and not refailed:
             continue
         await event(
             rt,

@@ -169,7 +169,7 @@ class Guardian:
                 fetch_token, loaded.account, loaded.files, DEFAULT_TIMEOUT
             )
         except TokenError as exc:
-            verdict = verdict_for(exc, flow, host)
+            verdict = verdict_for(exc, flow, host, loaded.account.username)
             self.logger.warning("token request failed: %s", verdict.message)
             if exc.temporary:
                 if keep_alive:  # the last token still works: warn, don't flip Authorized
@@ -282,7 +282,7 @@ class Guardian:
                             Verdict(False, reason, message), authorization=authorization
                         )
                     elif prompt is None and exc.code != "authorization_pending":
-                        verdict = verdict_for(exc, Flow.DEVICE_CODE, host)
+                        verdict = verdict_for(exc, Flow.DEVICE_CODE, host, account.username)
                         if exc.temporary or exc.code in ("authorization_declined", "expired_token"):
                             self.logger.warning("device code sign-in: %s", verdict.message)
                         else:  # the client registration is wrong: a person can't fix that

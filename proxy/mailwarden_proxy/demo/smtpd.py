@@ -9,7 +9,8 @@ respectively `AQ==`) before the final `535 5.7.8`, and `530` for mail sent witho
 logging in. Tokens are checked by a callable, normally `LocalIdP.is_valid`.
 
 Scripted failures for tests: `reject_next_tokens(n)` (valid tokens refused), a temporary
-failure switch (`454 4.7.0` to AUTH) and `script_reply()` for MAIL/RCPT/DATA replies.
+failure switch (`454 4.7.0` to AUTH) and `script_reply()` for MAIL/RCPT/DATA replies, and
+for AUTH (the reply to the token, e.g. Microsoft's `535 5.7.139 …`).
 Received messages (`.messages`) and every authentication attempt (`.attempts`;
 `.auth_attempts` counts them) are kept in memory.
 
@@ -364,9 +365,10 @@ class LocalSubmissionServer:
             self._script.temporary = 0
 
     def script_reply(
-        self, command: Literal["MAIL", "RCPT", "DATA"], reply: str, count: int = 1
+        self, command: Literal["MAIL", "RCPT", "DATA", "AUTH"], reply: str, count: int = 1
     ) -> None:
-        """Answer the next `count` MAIL/RCPT/DATA commands with `reply` (e.g. `452 4.2.2 Full`)."""
+        """Answer the next `count` MAIL/RCPT/DATA commands with `reply` (e.g. `452 4.2.2 Full`);
+        for AUTH, the next `count` well-formed tokens, valid or not."""
         with self._lock:
             self._script.replies[command].extend([reply] * count)
 
@@ -435,6 +437,11 @@ class LocalSubmissionServer:
             await server.push(REPLY_MALFORMED)
             return AuthResult(success=False, handled=True)
         username, token = parsed
+        scripted = self._scripted("AUTH")
+        if scripted:
+            self._record(AuthAttempt(mechanism, username, token, "rejected", inline))
+            await server.push(scripted)
+            return AuthResult(success=False, handled=True)
         if self._check(token, username):
             self._record(AuthAttempt(mechanism, username, token, "accepted", inline))
             return AuthResult(success=True, auth_data=username, message=REPLY_AUTH_OK)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import resource
 import signal
 from pathlib import Path
 
@@ -25,6 +26,34 @@ from mailwarden_proxy.relay.server import ProxyServer
 from mailwarden_proxy.tokens.cache import TokenBroker
 
 log = logging.getLogger("mailwarden")
+
+
+def ensure_file_descriptors(config: ProxyConfig) -> None:
+    """Raise the soft open-files limit (up to the hard one) to what the connection caps
+    need: two descriptors per session, plus some slack. A proxy that runs out of
+    descriptors cannot even accept a connection to say "try again later" (Go raises
+    this limit the same way at start-up)."""
+    needed = 2 * config.limits.max_connections * len(config.listeners) + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < needed:
+        log.warning(
+            "open-files limit %d is below the %d that %d listeners x %d connections "
+            "(limits.maxConnectionsPerListener) need; past it, clients are refused "
+            "without a reply",
+            soft,
+            needed,
+            len(config.listeners),
+            config.limits.max_connections,
+        )
 
 
 def install_event_loop() -> None:
@@ -50,6 +79,7 @@ class ProxyApp:
     async def start(self) -> None:
         for warning in self.server.config.warnings:
             log.warning("configuration: %s", warning)
+        ensure_file_descriptors(self.server.config)
         await self.server.start()
         metrics = self.server.config.metrics
         if metrics.port:
@@ -68,6 +98,7 @@ class ProxyApp:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return False
         previous = set(self.server.config.accounts)
+        ensure_file_descriptors(config)
         await self.server.reload(config)
         # an account whose settings changed (say, a rotated client secret) is a new key:
         # drop the old one's tokens and background refresh instead of letting them idle out

@@ -125,12 +125,46 @@ class Metrics:
     port: int = 9464  # 0 switches the HTTP endpoint off
 
 
+# After login, a session with no bytes either way for this long is closed (0: never).
+# IMAP: clients re-issue IDLE every 29 minutes (RFC 2177) and RFC 3501 §5.4 wants an
+# autologout timer of at least 30; POP3: at least 10 minutes (RFC 1939 §3); SMTP: a
+# client waits up to 10 minutes for the reply to the end of DATA (RFC 5321 §4.5.3.2.6),
+# so the relay must not give up sooner (servers close idle clients after 5 themselves).
+DEFAULT_IDLE_TIMEOUT = {
+    MailProtocol.IMAP: 31 * 60.0,
+    MailProtocol.POP3: 10 * 60.0,
+    MailProtocol.SMTP: 10 * 60.0,
+}
+
+
 @dataclass(frozen=True)
 class Limits:
     max_line: int = DEFAULT_MAX_LINE
     max_literal: int = DEFAULT_MAX_LITERAL
     connect_timeout: float = 15.0
     login_timeout: float = 60.0  # a client must finish the pre-auth dialogue within this
+    # concurrent client connections per listener; more are answered "try later" and closed
+    # (1,000 idle IMAP sessions through one listener is a case the bench measures)
+    max_connections: int = 2000
+    imap_idle_timeout: float = DEFAULT_IDLE_TIMEOUT[MailProtocol.IMAP]
+    pop3_idle_timeout: float = DEFAULT_IDLE_TIMEOUT[MailProtocol.POP3]
+    smtp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT[MailProtocol.SMTP]
+    # failed local logins per source address (token bucket): `failed_login_burst` in a
+    # row, then `failed_logins_per_minute`; beyond that a login is refused unchecked,
+    # after `failed_login_delay` seconds, with a "try again later" reply. Burst 0: off.
+    failed_login_burst: int = 10
+    failed_logins_per_minute: float = 10.0
+    failed_login_delay: float = 1.0
+
+    def idle_timeout(self, protocol: MailProtocol) -> float:
+        """Seconds without traffic after login before a session is closed; 0 is never."""
+        match protocol:
+            case MailProtocol.IMAP:
+                return self.imap_idle_timeout
+            case MailProtocol.POP3:
+                return self.pop3_idle_timeout
+            case MailProtocol.SMTP:
+                return self.smtp_idle_timeout
 
 
 @dataclass(frozen=True)

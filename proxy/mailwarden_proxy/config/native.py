@@ -45,8 +45,14 @@ silently ignored key is a setting that silently does not apply.
           usePkce: false
           caFile: ...                   # extra trust anchors for the token endpoint
     metrics: {address: 127.0.0.1, port: 9464}     # port 0 switches the endpoint off
-    limits: {maxLineLength: 16384, maxLiteralLength: 65536,
-             connectTimeoutSeconds: 15, loginTimeoutSeconds: 60}
+    limits:
+      maxLineLength: 16384              # at least 1024
+      maxLiteralLength: 65536
+      connectTimeoutSeconds: 15
+      loginTimeoutSeconds: 60           # the whole pre-login dialogue
+      maxConnectionsPerListener: 2000
+      idleTimeoutSeconds: {imap: 1860, pop3: 600, smtp: 600}   # or one number; 0 = never
+      failedLocalLogins: {burst: 10, perMinute: 10, delaySeconds: 1}   # burst 0 = off
     cacheStore: null                    # path of the encrypted token cache, or null
 
 Every `*File` key is read when the configuration is loaded (mounted Secret keys); a file
@@ -56,6 +62,7 @@ full reference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -162,8 +169,11 @@ class _Map:
         self.path, self.source, self.data = path, source, data
         for key in data:
             if not isinstance(key, str) or key not in known:
+                name = str(key)
+                if not name.strip() or not name.isprintable():
+                    name = repr(key)  # a blank or control-character key must stay visible
                 raise ConfigError(
-                    self.field(str(key)), f"unknown key{suggest(str(key), known)}", source=source
+                    self.field(name), f"unknown key{suggest(str(key), known)}", source=source
                 )
 
     def field(self, key: str) -> str:
@@ -193,10 +203,14 @@ class _Map:
             raise self.error(key, f"must be an integer, not {value!r}")
         return value
 
-    def number(self, key: str, default: float) -> float:
+    def number(self, key: str, default: float, *, zero: bool = False) -> float:
+        """A positive number (or zero too, with `zero`)."""
         value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise self.error(key, f"must be a positive number, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"must be a number, not {value!r}")
+        if not (value >= 0 if zero else value > 0) or not math.isfinite(value):
+            kind = "zero or a positive number" if zero else "a positive number"
+            raise self.error(key, f"must be {kind}, not {value!r}")
         return float(value)
 
     def flag(self, key: str, default: bool) -> bool:
@@ -346,6 +360,70 @@ def _each(
     return built
 
 
+_LIMITS_KEYS = (
+    "maxLineLength",
+    "maxLiteralLength",
+    "connectTimeoutSeconds",
+    "loginTimeoutSeconds",
+    "maxConnectionsPerListener",
+    "idleTimeoutSeconds",
+    "failedLocalLogins",
+)
+_PROTOCOL_NAMES = tuple(p.value for p in MailProtocol)
+# RFC 3501 §5.4: an IMAP autologout timer must be at least 30 minutes
+IMAP_MIN_IDLE_TIMEOUT = 30 * 60
+
+
+def _idle_timeouts(lim: _Map) -> dict[MailProtocol, float]:
+    """`idleTimeoutSeconds`: one number for every protocol, or a mapping by protocol."""
+    defaults = {p: Limits().idle_timeout(p) for p in MailProtocol}
+    raw = lim.data.get("idleTimeoutSeconds")
+    if raw is None:
+        return defaults
+    if not isinstance(raw, dict):
+        every = lim.number("idleTimeoutSeconds", 0, zero=True)
+        return dict.fromkeys(MailProtocol, every)
+    by = lim.child("idleTimeoutSeconds", _PROTOCOL_NAMES)
+    return {p: by.number(p.value, defaults[p], zero=True) for p in MailProtocol}
+
+
+def _limits(lim: _Map, warnings: Warnings) -> Limits:
+    default = Limits()
+    idle = _idle_timeouts(lim)
+    failed = lim.child("failedLocalLogins", ("burst", "perMinute", "delaySeconds"))
+    limits = Limits(
+        max_line=lim.integer("maxLineLength", default.max_line),
+        max_literal=lim.integer("maxLiteralLength", default.max_literal),
+        connect_timeout=lim.number("connectTimeoutSeconds", default.connect_timeout),
+        login_timeout=lim.number("loginTimeoutSeconds", default.login_timeout),
+        max_connections=lim.integer("maxConnectionsPerListener", default.max_connections),
+        imap_idle_timeout=idle[MailProtocol.IMAP],
+        pop3_idle_timeout=idle[MailProtocol.POP3],
+        smtp_idle_timeout=idle[MailProtocol.SMTP],
+        failed_login_burst=failed.integer("burst", default.failed_login_burst),
+        failed_logins_per_minute=failed.number("perMinute", default.failed_logins_per_minute),
+        failed_login_delay=failed.number("delaySeconds", default.failed_login_delay, zero=True),
+    )
+    if limits.max_line < 1024:  # RFC 5321 allows 1000-octet lines; anything less breaks SMTP
+        raise lim.error("maxLineLength", f"{limits.max_line} is below the minimum of 1024")
+    if limits.max_literal < 0:
+        raise lim.error("maxLiteralLength", f"{limits.max_literal} must not be negative")
+    if limits.max_connections < 1:
+        raise lim.error("maxConnectionsPerListener", f"{limits.max_connections} must be at least 1")
+    if limits.failed_login_burst < 0:
+        raise failed.error("burst", f"{limits.failed_login_burst} must not be negative")
+    if 0 < limits.imap_idle_timeout < IMAP_MIN_IDLE_TIMEOUT:
+        field = "idleTimeoutSeconds" + (
+            ".imap" if isinstance(lim.data.get("idleTimeoutSeconds"), dict) else ""
+        )
+        warnings.add(
+            lim.field(field),
+            f"{limits.imap_idle_timeout:g} s is shorter than IMAP's 30 minutes (RFC 3501 "
+            "§5.4): clients in IDLE re-issue it only every 29 minutes and would be cut off",
+        )
+    return limits
+
+
 def from_dict(data: object, *, source: str = "") -> ProxyConfig:
     """A validated ProxyConfig from an already parsed YAML document."""
     warnings = Warnings(source)
@@ -367,20 +445,7 @@ def _from_dict(data: object, source: str, warnings: Warnings) -> ProxyConfig:
     metrics = Metrics(address=m.text("address", "127.0.0.1") or "", port=m.integer("port", 9464))
     if metrics.port:
         check_port(metrics.port, m.field("port"), source=source)
-    lim = top.child(
-        "limits",
-        ("maxLineLength", "maxLiteralLength", "connectTimeoutSeconds", "loginTimeoutSeconds"),
-    )
-    limits = Limits(
-        max_line=lim.integer("maxLineLength", Limits.max_line),
-        max_literal=lim.integer("maxLiteralLength", Limits.max_literal),
-        connect_timeout=lim.number("connectTimeoutSeconds", Limits.connect_timeout),
-        login_timeout=lim.number("loginTimeoutSeconds", Limits.login_timeout),
-    )
-    if limits.max_line < 1024:  # RFC 5321 allows 1000-octet lines; anything less breaks SMTP
-        raise lim.error("maxLineLength", f"{limits.max_line} is below the minimum of 1024")
-    if limits.max_literal < 0:
-        raise lim.error("maxLiteralLength", f"{limits.max_literal} must not be negative")
+    limits = _limits(top.child("limits", _LIMITS_KEYS), warnings)
     check_together(listeners, accounts, metrics, m.field("port"), source=source)
     account_objs = tuple(a for a, _ in accounts)
     return ProxyConfig(

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailwarden_proxy.config.model import Account, Listener, OAuth2, ProxyConfig
+from mailwarden_proxy.config.model import (
+    Account,
+    Limits,
+    Listener,
+    MailProtocol,
+    OAuth2,
+    ProxyConfig,
+)
 from mailwarden_proxy.config.native import VERSION
 from mailwarden_proxy.secret import Secret
 
@@ -88,17 +95,47 @@ def _account(a: Account, mask: bool) -> dict[str, Any]:
 
 
 def to_native(config: ProxyConfig, *, mask: bool = True) -> dict[str, Any]:
-    """The configuration as a native document; every default spelled out."""
+    """The configuration as a native document; every default spelled out, except the
+    limits added after the first release (`_later_limits`)."""
+    limits = config.limits
     return {
         "version": VERSION,
         "listeners": [_listener(listener) for listener in config.listeners],
         "accounts": [_account(a, mask) for a in config.accounts],
         "metrics": {"address": config.metrics.address, "port": config.metrics.port},
         "limits": {
-            "maxLineLength": config.limits.max_line,
-            "maxLiteralLength": config.limits.max_literal,
-            "connectTimeoutSeconds": config.limits.connect_timeout,
-            "loginTimeoutSeconds": config.limits.login_timeout,
+            "maxLineLength": limits.max_line,
+            "maxLiteralLength": limits.max_literal,
+            "connectTimeoutSeconds": limits.connect_timeout,
+            "loginTimeoutSeconds": limits.login_timeout,
+            **_later_limits(limits),
         },
         "cacheStore": config.cache_store,
     }
+
+
+def _later_limits(limits: Limits) -> dict[str, Any]:
+    """The limits an older proxy doesn't know, only where they differ from the default.
+
+    The operator renders every sidecar's file with this: during an upgrade, a file from
+    the new operator must still load in a sidecar of the previous version, which refuses
+    unknown keys."""
+    default = Limits()
+    later: dict[str, Any] = {}
+    if limits.max_connections != default.max_connections:
+        later["maxConnectionsPerListener"] = limits.max_connections
+    idle = {p.value: limits.idle_timeout(p) for p in MailProtocol}
+    if idle != {p.value: default.idle_timeout(p) for p in MailProtocol}:
+        later["idleTimeoutSeconds"] = idle
+    failed = {
+        "burst": limits.failed_login_burst,
+        "perMinute": limits.failed_logins_per_minute,
+        "delaySeconds": limits.failed_login_delay,
+    }
+    if (limits.failed_login_burst, limits.failed_logins_per_minute, limits.failed_login_delay) != (
+        default.failed_login_burst,
+        default.failed_logins_per_minute,
+        default.failed_login_delay,
+    ):
+        later["failedLocalLogins"] = failed
+    return later

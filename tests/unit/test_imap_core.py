@@ -537,7 +537,14 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
             (U(challenge("400")), [to_u(b"\r\n")]),
             (
                 U(b"mw1 NO [AUTHENTICATIONFAILED] bad\r\n"),
-                [to_c(b"a " + AUTH_FAILED), LoginFailed(USER, FailureKind.TOKEN_REJECTED, "400")],
+                [
+                    to_c(b"a " + AUTH_FAILED),
+                    LoginFailed(
+                        USER,
+                        FailureKind.TOKEN_REJECTED,
+                        'NO [AUTHENTICATIONFAILED] bad {"status":"400","schemes":"bearer"}',
+                    ),
+                ],
             ),
             # the client may try again: a new login gets its own retry
             (C(b"b LOGIN user@example.com pw\r\n"), [Authenticate(USER, "pw")]),
@@ -582,7 +589,11 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
                 U(b"mw0 NO bad\r\n"),
                 [
                     to_c(b"a " + AUTH_FAILED),
-                    LoginFailed(USER, FailureKind.TOKEN_REJECTED, "invalid_request"),
+                    LoginFailed(
+                        USER,
+                        FailureKind.TOKEN_REJECTED,
+                        'NO bad {"status":"invalid_request","schemes":"bearer"}',
+                    ),
                 ],
             ),
         ],
@@ -595,7 +606,10 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
             (U(b"+ not json at all\r\n"), [to_u(b"\r\n")]),
             (
                 U(b"mw0 NO bad\r\n"),
-                [to_c(b"a " + AUTH_FAILED), LoginFailed(USER, FailureKind.TOKEN_REJECTED, "")],
+                [
+                    to_c(b"a " + AUTH_FAILED),
+                    LoginFailed(USER, FailureKind.TOKEN_REJECTED, "NO bad"),
+                ],
             ),
         ],
     ),
@@ -608,7 +622,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
                 U(b"mw0 NO AUTHENTICATE failed.\r\n"),
                 [
                     to_c(b"a " + AUTH_FAILED),
-                    LoginFailed(USER, FailureKind.TOKEN_REJECTED, "AUTHENTICATE failed."),
+                    LoginFailed(USER, FailureKind.TOKEN_REJECTED, "NO AUTHENTICATE failed."),
                 ],
             ),
         ],
@@ -622,7 +636,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
                 U(b"mw0 BAD unknown mechanism\r\n"),
                 [
                     to_c(b"a " + AUTH_FAILED),
-                    LoginFailed(USER, FailureKind.UPSTREAM_ERROR, "unknown mechanism"),
+                    LoginFailed(USER, FailureKind.UPSTREAM_ERROR, "BAD unknown mechanism"),
                 ],
             ),
         ],
@@ -636,7 +650,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Step]]] = {
                 U(b"mw0 NO [UNAVAILABLE] IdP down\r\n"),
                 [
                     to_c(b"a " + TEMP_FAILURE),
-                    LoginFailed(USER, FailureKind.UPSTREAM_ERROR, "IdP down"),
+                    LoginFailed(USER, FailureKind.UPSTREAM_ERROR, "NO [UNAVAILABLE] IdP down"),
                 ],
             ),
         ],

@@ -365,7 +365,10 @@ CASES = [
             U(OB_RESPONSE),
             U(b"AQ==\r\n"),
             C(AUTH_FAILED + b" (upstream refused the token: invalid_token)\r\n"),
-            failed(FailureKind.TOKEN_REJECTED, "invalid_token"),
+            failed(
+                FailureKind.TOKEN_REJECTED,
+                '[AUTH] Authentication failed. {"status":"invalid_token"}',
+            ),
         ],
     ),
     Case(

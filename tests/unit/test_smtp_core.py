@@ -549,7 +549,7 @@ CASES = [
             U(OB_RESPONSE),
             U(b"AQ==\r\n"),
             C(INVALID + b" (upstream refused the token: invalid_token)\r\n"),
-            failed(FailureKind.TOKEN_REJECTED, "invalid_token"),
+            failed(FailureKind.TOKEN_REJECTED, '535 5.7.8 no {"status":"invalid_token"}'),
         ],
     ),
     Case(
@@ -567,7 +567,7 @@ CASES = [
             U(XO_RESPONSE),
             U(b"\r\n"),
             C(INVALID + b" (upstream refused the token: 403)\r\n"),
-            failed(FailureKind.TOKEN_REJECTED, "403"),
+            failed(FailureKind.TOKEN_REJECTED, '535 no {"status":"403"}'),
         ],
     ),
     Case(
@@ -579,7 +579,7 @@ CASES = [
             U(XO_RESPONSE),
             U(b"\r\n"),
             C(INVALID + b"\r\n"),
-            failed(FailureKind.TOKEN_REJECTED, ""),
+            failed(FailureKind.TOKEN_REJECTED, "535 no"),
         ],
     ),
     Case(

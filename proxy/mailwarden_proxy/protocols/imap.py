@@ -26,6 +26,8 @@ and looked at only when a state wants them (upstream ``* BYE`` is fatal in any s
                   --tagged NO after a retryable challenge, first time: NeedFreshToken
                         --> AWAIT_FRESH_TOKEN --provide_token--> UPSTREAM_AUTH
                   --tagged NO/BAD otherwise: tagged NO to the client --> CLIENT_COMMAND
+                        ([UNAVAILABLE] for upstream's [UNAVAILABLE] and for Microsoft's
+                        "BAD Request is throttled": the client should come back later)
                   --tagged OK: "mwN NOOP" (post-login check) --> UPSTREAM_CHECK
     UPSTREAM_CHECK --tagged OK: "tag OK Logged in", LoginSucceeded, Splice --> DONE
                    --"authenticated but not connected" (Microsoft): NO, Close --> DONE
@@ -60,6 +62,7 @@ from mailwarden_proxy.protocols.imap_parse import (
     Response,
     ResponseReader,
     authenticate_request,
+    capability_list,
     client_capabilities,
     has_capability,
     login_credentials,
@@ -84,6 +87,7 @@ from mailwarden_proxy.protocols.session import (
 
 CRLF = b"\r\n"
 NOT_CONNECTED = "authenticated but not connected"
+THROTTLED = "request is throttled"  # Microsoft: "... Suggested Backoff Time: N milliseconds"
 
 BYE_UNAVAILABLE = b"* BYE [UNAVAILABLE] Upstream server unavailable, try again later\r\n"
 AUTH_FAILED = "[AUTHENTICATIONFAILED] Authentication failed."
@@ -177,11 +181,14 @@ class ImapCore(SessionCore):
         self.state = State.UPSTREAM_AUTH
         self._process()
 
-    def reject_login(self) -> None:
+    def reject_login(self, *, rate_limited: bool = False) -> None:
         if self.finished:
             return
         self._expect_login(State.AWAIT_TOKEN)
-        self._login_failed(AUTH_FAILED, FailureKind.LOCAL_CREDENTIALS)
+        if rate_limited:
+            self._login_failed(TEMP_FAILURE, FailureKind.RATE_LIMITED)
+        else:
+            self._login_failed(AUTH_FAILED, FailureKind.LOCAL_CREDENTIALS)
         self._process()
 
     def token_unavailable(self, permanent: bool) -> None:
@@ -391,7 +398,8 @@ class ImapCore(SessionCore):
         elif response.status == "OK":
             self._initial_response = None
             if response.code.upper().startswith("CAPABILITY "):
-                login.ok_code = response.code
+                # atoms only, as in our greeting: no upstream control characters in our line
+                login.ok_code = " ".join(["CAPABILITY", *capability_list(response.code)])
             self._send_command(b"NOOP")  # catches Microsoft's "authenticated but not connected"
             self.state = State.UPSTREAM_CHECK
         else:
@@ -399,14 +407,20 @@ class ImapCore(SessionCore):
             self._refused(login, response)
 
     def _refused(self, login: _Login, response: Response) -> None:
-        challenge, detail = login.challenge, printable(response.text)
+        challenge = login.challenge
+        # for LoginFailed: the whole tagged reply, then the error challenge before it
+        code = f"[{response.code}] " if response.code else ""
+        detail = printable(f"{response.status} {code}{response.text}", 300)
         if challenge is not None and challenge.retryable and not login.retried:
             login.retried = True
             self.state = State.AWAIT_FRESH_TOKEN
             self.emit(NeedFreshToken(challenge.status))
         elif challenge is not None:
-            self._login_failed(AUTH_FAILED, FailureKind.TOKEN_REJECTED, printable(challenge.status))
-        elif response.code.upper().startswith("UNAVAILABLE"):
+            detail = f"{detail} {printable(challenge.detail, 300)}".strip()
+            self._login_failed(AUTH_FAILED, FailureKind.TOKEN_REJECTED, detail)
+        elif response.code.upper().startswith("UNAVAILABLE") or (
+            THROTTLED in response.text.lower()  # Microsoft's BAD: "not now", not "wrong"
+        ):
             self._login_failed(TEMP_FAILURE, FailureKind.UPSTREAM_ERROR, detail)
         elif response.status == "NO":
             self._login_failed(AUTH_FAILED, FailureKind.TOKEN_REJECTED, detail)

@@ -187,6 +187,7 @@ class SaslUpstreamCore(LineDrivenCore, Generic[StateT]):
         self._secrets: tuple[bytes, ...] = ()  # never let these reach the client or a log
         self._retried = False  # this login's one fresh-token retry is used up
         self._challenge = ""  # status word of the last error challenge
+        self._challenge_detail = ""  # the challenge itself (JSON), for LoginFailed's detail
 
     @property
     def _host(self) -> bytes:
@@ -204,16 +205,19 @@ class SaslUpstreamCore(LineDrivenCore, Generic[StateT]):
         self._mechanism = mechanism
         self._response = b64(raw)
         self._secrets = (token.encode(), self._response)
-        self._challenge = ""
+        self._challenge = self._challenge_detail = ""
         self.to_upstream(b"AUTH " + mechanism_name(mechanism).encode() + CRLF)
         self.state = self.states.upstream_auth
         self._process()
 
-    def reject_login(self) -> None:
+    def reject_login(self, *, rate_limited: bool = False) -> None:
         if self.finished:
             return
         self._expect(self.states.checking)
-        self._fail(self.auth_failed, FailureKind.LOCAL_CREDENTIALS)
+        if rate_limited:
+            self._fail(self.auth_temporary, FailureKind.RATE_LIMITED)
+        else:
+            self._fail(self.auth_failed, FailureKind.LOCAL_CREDENTIALS)
         self._process()
 
     def token_unavailable(self, permanent: bool) -> None:
@@ -298,7 +302,8 @@ class SaslUpstreamCore(LineDrivenCore, Generic[StateT]):
         Its status decides on a retry later; SASL wants the exchange finished first, with
         the mechanism's dummy response, after which the upstream sends its refusal.
         """
-        self._challenge = status_word(parse_error_challenge(challenge).status)
+        parsed = parse_error_challenge(challenge)
+        self._challenge, self._challenge_detail = status_word(parsed.status), parsed.detail
         self.to_upstream(error_challenge_reply(self._mechanism) + CRLF)
         self.state = self.states.upstream_abort
 

@@ -212,7 +212,7 @@ class Pop3Core(SaslUpstreamCore[Pop3State]):
 
     def _refused(self, text: bytes, kind: FailureKind) -> None:
         """Upstream said -ERR to the login: pass on "not now" codes, else an auth failure."""
-        detail = safe_text(text, self._secrets)
+        detail = safe_text(text, self._secrets, 300)
         match = _RESP_CODE.match(text)
         if match and match.group(1).upper() in _PASSED_CODES:
             code = match.group(1).upper()
@@ -226,7 +226,7 @@ class Pop3Core(SaslUpstreamCore[Pop3State]):
             self._fail(b"-ERR [SYS/PERM] Upstream refused the login", kind, detail)
         elif self._challenge:
             hint = f" (upstream refused the token: {self._challenge})".encode()
-            self._fail(AUTH_FAILED + hint, kind, self._challenge)
+            self._fail(AUTH_FAILED + hint, kind, f"{detail} {self._challenge_detail}".strip())
         else:
             self._fail(AUTH_FAILED, kind, detail)
 

@@ -132,7 +132,11 @@ def rewrite_ehlo(hostname: str, extensions: Sequence[bytes], *, offer_starttls: 
     stay as the upstream announced them. Enhanced status codes are always announced,
     since this proxy's own replies carry them (RFC 2034).
     """
-    kept = [line for line in extensions if ehlo_keyword(line) not in {"AUTH", "STARTTLS"}]
+    kept = [
+        line
+        for line in extensions  # a control character would split or garble our reply
+        if ehlo_keyword(line) not in {"AUTH", "STARTTLS"} and not has_control_chars(line)
+    ]
     if "ENHANCEDSTATUSCODES" not in {ehlo_keyword(line) for line in kept}:
         kept.append(b"ENHANCEDSTATUSCODES")
     kept.append(b"AUTH PLAIN LOGIN")
@@ -183,7 +187,11 @@ def rewrite_capa(capabilities: Sequence[bytes], *, offer_stls: bool) -> bytes:
     we use in our own replies ([AUTH], [SYS/TEMP]) are always announced.
     """
     dropped = {"SASL", "USER", "STLS", "IMPLEMENTATION"}
-    kept = [line for line in capabilities if capa_keyword(line) not in dropped]
+    kept = [  # a line with a control character would split or garble our reply
+        line
+        for line in capabilities
+        if capa_keyword(line) not in dropped and not has_control_chars(line)
+    ]
     names = {capa_keyword(line) for line in kept}
     kept += [word for word in (b"RESP-CODES", b"AUTH-RESP-CODE") if word.decode() not in names]
     kept += [b"USER", b"SASL PLAIN"]

@@ -92,6 +92,7 @@ class ErrorChallenge:
     status: str  # "401", "400", "invalid_token", ... or "" if absent/unparseable
     scope: str = ""
     schemes: str = ""
+    detail: str = ""  # the whole challenge as compact JSON (ASCII, capped), for diagnostics
 
     @property
     def retryable(self) -> bool:
@@ -110,4 +111,5 @@ def parse_error_challenge(data: bytes) -> ErrorChallenge:
         status=str(payload.get("status", "")),
         scope=str(payload.get("scope", "")),
         schemes=str(payload.get("schemes", "")),
+        detail=json.dumps(payload, separators=(",", ":"))[:300],
     )

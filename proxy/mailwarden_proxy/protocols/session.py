@@ -72,6 +72,7 @@ class FailureKind(StrEnum):
     TOKEN_REJECTED = "token_rejected"  # upstream refused the token (after the one retry)
     NOT_CONNECTED = "not_connected"  # Microsoft: authenticated but not connected
     UPSTREAM_ERROR = "upstream_error"  # upstream said no for another reason or broke off
+    RATE_LIMITED = "rate_limited"  # too many failed local logins from the source: unchecked
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,9 @@ class SessionCore(ABC):
         """Answer to `Authenticate` or `NeedFreshToken`: authenticate upstream with it."""
 
     @abstractmethod
-    def reject_login(self) -> None:
-        """Answer to `Authenticate`: unknown user or wrong local password."""
+    def reject_login(self, *, rate_limited: bool = False) -> None:
+        """Answer to `Authenticate`: unknown user or wrong local password; or, with
+        `rate_limited`, refused unchecked ("try again later") after too many failures."""
 
     @abstractmethod
     def token_unavailable(self, permanent: bool) -> None:

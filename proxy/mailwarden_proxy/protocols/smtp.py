@@ -245,7 +245,8 @@ class SmtpCore(SaslUpstreamCore[SmtpState]):
         else:
             status = self._challenge
             hint = f" (upstream refused the token: {status})" if status else ""
-            self._fail(AUTH_INVALID + hint.encode(), FailureKind.TOKEN_REJECTED, status)
+            detail = self._detail(reply)
+            self._fail(AUTH_INVALID + hint.encode(), FailureKind.TOKEN_REJECTED, detail)
 
     def _upstream_refused(self, reply: SmtpReply, kind: FailureKind) -> None:
         """A 4xx/5xx to AUTH or to the token: the login fails, the session goes on."""
@@ -261,7 +262,10 @@ class SmtpCore(SaslUpstreamCore[SmtpState]):
         return AUTH_TEMPORARY + (f" (upstream: {text})".encode() if text else b"")
 
     def _detail(self, reply: SmtpReply) -> str:
-        return f"{reply.code} {safe_text(reply.text, self._secrets)}".strip()
+        """For LoginFailed: the whole reply (Gmail's meaning is on its first line, its
+        link on the last), then the error challenge before it, if any."""
+        text = safe_text(b" ".join(reply.lines), self._secrets, 300)
+        return f"{reply.code} {text} {self._challenge_detail}".strip()
 
     # -- client ------------------------------------------------------------------------------
 

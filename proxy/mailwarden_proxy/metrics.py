@@ -66,6 +66,31 @@ class ProxyMetrics:
             ["listener", "kind"],
             registry=r,
         )
+        self.login_failures = Counter(
+            "mailwarden_login_failures_total",
+            "Failed client logins by the error catalogue's reason code (docs/troubleshooting.md).",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "mailwarden_connections_refused_total",
+            "Client connections refused at accept, by reason (max_connections).",
+            ["listener", "protocol", "reason"],
+            registry=r,
+        )
+        self.session_timeouts = Counter(
+            "mailwarden_session_timeouts_total",
+            "Sessions closed by a timeout, by phase (login: the pre-login dialogue took "
+            "too long; idle: no traffic after login).",
+            ["listener", "protocol", "phase"],
+            registry=r,
+        )
+        self.listener_info = Gauge(
+            "mailwarden_listener_info",
+            "Bound listeners (always 1); loopback=false means reachable from other hosts.",
+            ["listener", "protocol", "address", "loopback"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "mailwarden_config_reloads_total",
             "Configuration reloads (SIGHUP) by result.",

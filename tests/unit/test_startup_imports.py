@@ -96,3 +96,33 @@ def test_emailproxy_startup_does_not_import_yaml(tmp_path: Path) -> None:
     config.write_text(EMAILPROXY, encoding="utf-8")
     modules = _modules_after_startup(config)
     assert [name for name in (*HEAVY, "yaml") if _loaded(modules, name)] == []
+
+
+# a token response as msal's requests session sees it, after the CLI's footprint settings
+FOOTPRINT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    warnings.simplefilter("error")  # requests warns when it finds no charset detector
+    from mailwarden_proxy import footprint
+    footprint.apply()
+    import msal, requests
+    response = requests.models.Response()
+    response.status_code = 200
+    response._content = b'{"access_token": "t\\\\u00e9", "expires_in": 3600}'
+    loaded = sorted(name for name, module in sys.modules.items() if module)
+    print(json.dumps({"token": response.json()["access_token"], "modules": loaded}))
+    """
+)
+
+
+def test_footprint_keeps_charset_detection_out_and_json_decodes() -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROXY_SRC), env.get("PYTHONPATH", "")) if p)
+    done = subprocess.run(
+        [sys.executable, "-c", FOOTPRINT],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["token"] == "t\u00e9"
+    assert not _loaded(set(found["modules"]), "charset_normalizer")

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from mailwarden_proxy.config.model import Listener, UpstreamTLS
 from mailwarden_proxy.protocols import session as core_api
 from mailwarden_proxy.protocols.smtp import SmtpCore
+from mailwarden_proxy.relay.reading import CopyingReader
 
 log = logging.getLogger("mailwarden.pool")
 
@@ -54,7 +55,7 @@ IDLE_LIFETIME = 60.0  # seconds a warm connection may wait for a session
 ACTIVE_WINDOW = 300.0  # replace expired connections only if a session took one this recently
 
 
-class _WarmProtocol(asyncio.Protocol):
+class _WarmProtocol(CopyingReader):
     """Feeds the warm-up core; once parked, any event from the upstream discards it."""
 
     def __init__(self, core: SmtpCore) -> None:

@@ -11,17 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
+from mailwarden_proxy.catalogue import Diagnosis, Stage, diagnose_token_error
 from mailwarden_proxy.config.model import Account, Listener, ProxyConfig, UpstreamTLS
 from mailwarden_proxy.localauth import LocalPasswords, Verdict
 from mailwarden_proxy.metrics import ProxyMetrics
 from mailwarden_proxy.protocols import session as core_api
 from mailwarden_proxy.protocols.session import SessionCore
 from mailwarden_proxy.protocols.smtp import SmtpCore
-from mailwarden_proxy.relay.splice import splice
+from mailwarden_proxy.ratelimit import FailedLoginLimiter, source_key
+from mailwarden_proxy.relay import diagnostics
+from mailwarden_proxy.relay.limits import GOODBYE
+from mailwarden_proxy.relay.reading import CopyingReader
+from mailwarden_proxy.relay.splice import SpliceEnd, splice
 from mailwarden_proxy.tokens.base import AccessToken, PermanentTokenError, TokenError
 
 if TYPE_CHECKING:
@@ -58,12 +65,30 @@ class ListenerMetrics:
         self.relayed_down: Counter = metrics.relayed_bytes.labels(name, "downstream")
         self._logins: dict[str, Counter] = {}
         self._upstream_errors: dict[str, Counter] = {}
+        self._timeouts: dict[str, Counter] = {}
+        self._refused: dict[str, Counter] = {}
 
     def login(self, result: str) -> Counter:
         child = self._logins.get(result)
         if child is None:  # created on first use, so unused results stay out of /metrics
             child = self._logins[result] = self._metrics.logins.labels(
                 self._name, self._protocol, result
+            )
+        return child
+
+    def timeout(self, phase: str) -> Counter:
+        child = self._timeouts.get(phase)
+        if child is None:
+            child = self._timeouts[phase] = self._metrics.session_timeouts.labels(
+                self._name, self._protocol, phase
+            )
+        return child
+
+    def refused(self, reason: str) -> Counter:
+        child = self._refused.get(reason)
+        if child is None:
+            child = self._refused[reason] = self._metrics.connections_refused.labels(
+                self._name, self._protocol, reason
             )
         return child
 
@@ -89,13 +114,19 @@ class SessionContext:
     local_tls: ssl.SSLContext | None
     make_core: Callable[[bool], SessionCore]  # argument: client connection already TLS
     pool: UpstreamPool | None = None  # warm upstream connections (SMTP listeners)
+    # failed local logins by source address: one per proxy, shared by all listeners
+    login_limiter: FailedLoginLimiter | None = None
+    # accounts the upstream asked to leave alone for a while (IMAP throttling)
+    backoffs: diagnostics.Backoffs = field(default_factory=diagnostics.Backoffs)
     bound: ListenerMetrics = field(init=False)
+    active: int = field(default=0, init=False)  # sessions of this listener now open
+    refusals_logged_at: float = field(default=float("-inf"), init=False)
 
     def __post_init__(self) -> None:
         self.bound = ListenerMetrics(self.metrics, self.listener)
 
 
-class _Feed(asyncio.Protocol):
+class _Feed(CopyingReader):
     def __init__(self, on_data: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
         self._on_data = on_data
         self._on_lost = on_lost
@@ -112,13 +143,25 @@ class _Feed(asyncio.Protocol):
 
 
 class ProxySession:
-    def __init__(self, ctx: SessionContext, client: asyncio.Transport) -> None:
+    """A connection until login: the core, the pump task and what the login needs.
+
+    At `Splice` it hands the two transports to a `SplicedSession` (`handover`) and ends;
+    `done` resolves when the connection is over, whichever object holds it by then.
+    """
+
+    def __init__(
+        self,
+        ctx: SessionContext,
+        client: asyncio.Transport,
+        handover: Callable[[SplicedSession], None],
+    ) -> None:
         self.ctx = ctx
         self.client = client
         self.upstream: asyncio.Transport | None = None
         self.core = ctx.make_core(client.get_extra_info("sslcontext") is not None)
         self.peer = _peer_name(client)
-        self.done = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._handover = handover
         self._wake = asyncio.Event()
         # bytes that arrive after the core finished but before the splice is installed
         self._late_client = bytearray()
@@ -127,6 +170,8 @@ class ProxySession:
         self._first_use_password: str | None = None
         self._token: AccessToken | None = None
         self._account: Account | None = None
+        # why the pending LoginFailed failed, and the words for the log (token errors)
+        self._diagnosis: tuple[Diagnosis, str] | None = None
         client.set_protocol(_Feed(self._client_data, self._client_lost))
 
     # -- feeding the core ----------------------------------------------------------------
@@ -166,9 +211,7 @@ class ProxySession:
     # -- the pump -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        bound = self.ctx.bound
-        bound.connections.inc()
-        bound.active.inc()
+        """Until login; the task ends at the splice, so an idle session holds no task."""
         spliced = False
         try:
             limits = self.ctx.config().limits
@@ -176,16 +219,17 @@ class ProxySession:
                 if not self._take_warm_upstream():
                     await self._connect_upstream()
                 spliced = await self._pump()
-            if spliced:
-                await self.done
         except TimeoutError:
             log.info("login not completed in time; closing", extra={"peer": self.peer})
+            self.ctx.bound.timeout("login").inc()
+            if not self.client.is_closing():  # e.g. a TLS handshake cut short by the timeout
+                self.client.write(GOODBYE[self.ctx.listener.protocol].login_timeout)
         except Exception:
             log.exception("session failed", extra={"peer": self.peer})
         finally:
             if not spliced:
                 self._close_all()
-            bound.active.dec()
+                _resolve(self.done)
 
     def _take_warm_upstream(self) -> bool:
         """Start on a pooled connection whose prelude is done; False if there is none."""
@@ -217,11 +261,12 @@ class ProxySession:
         except (OSError, TimeoutError) as exc:
             kind = "tls" if isinstance(exc, ssl.SSLError) else "connect"
             self.ctx.bound.upstream_error(kind).inc()
-            log.warning(
-                "cannot reach upstream %s:%s: %s",
-                upstream.host,
-                upstream.port,
-                exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
+            diagnostics.report_unreachable(
+                exc,
+                listener=self.ctx.listener.name,
+                address=f"{upstream.host}:{upstream.port}",
+                detail=_failure(exc),
+                peer=self.peer,
             )
             self.core.upstream_closed()
             return
@@ -239,7 +284,8 @@ class ProxySession:
                 case core_api.SendClient(data):
                     self.client.write(data)
                 case core_api.SendUpstream(data):
-                    if self.upstream is not None:
+                    # closing: a failed STARTTLS handshake; the core is already ending
+                    if self.upstream is not None and not self.upstream.is_closing():
                         self.upstream.write(data)
                 case core_api.StartClientTLS():
                     await self._start_client_tls()
@@ -275,14 +321,23 @@ class ProxySession:
         assert self.upstream is not None and self.ctx.upstream_tls is not None
         loop = asyncio.get_running_loop()
         protocol = self.upstream.get_protocol()
-        host = self.ctx.listener.upstream.host
+        host, port = self.ctx.listener.upstream.host, self.ctx.listener.upstream.port
         try:
-            new = await loop.start_tls(
-                self.upstream, protocol, self.ctx.upstream_tls, server_hostname=host
-            )
-        except (OSError, ssl.SSLError) as exc:
+            # bounded like the implicit-TLS handshake, which runs inside the connect timeout
+            async with asyncio.timeout(self.ctx.config().limits.connect_timeout):
+                new = await loop.start_tls(
+                    self.upstream, protocol, self.ctx.upstream_tls, server_hostname=host
+                )
+        except (OSError, ssl.SSLError) as exc:  # TimeoutError is an OSError
             self.ctx.bound.upstream_error("tls").inc()
-            log.warning("upstream STARTTLS with %s failed: %s", host, exc)
+            diagnostics.report_unreachable(
+                exc,
+                listener=self.ctx.listener.name,
+                address=f"{host}:{port}",
+                detail=f"STARTTLS failed: {_failure(exc)}",
+                peer=self.peer,
+            )
+            self.upstream.abort()  # unusable, and nothing queued may go out in plain text
             self.core.upstream_closed()
             return
         assert new is not None
@@ -292,13 +347,24 @@ class ProxySession:
 
     async def _authenticate(self, username: str, password: str) -> None:
         self._username = username
+        limiter = self.ctx.login_limiter
+        source = source_key(self.peer.rpartition(":")[0]) if limiter is not None else ""
+        if limiter is not None and limiter.blocked(source):
+            # refused unchecked: guessing gets no answer; the delay slows the loop down
+            await asyncio.sleep(self.ctx.config().limits.failed_login_delay)
+            self.core.reject_login(rate_limited=True)
+            return
         account = self.ctx.config().account_for(username)
-        verdict = (
-            Verdict.REJECT
-            if account is None
-            else self.ctx.passwords.verify(account, username, password)
-        )
+        verdict = self.ctx.passwords.verify(account, username, password)
         if account is None or verdict is Verdict.REJECT:
+            if limiter is not None and limiter.failed(source):
+                log.warning(
+                    "too many failed local logins from %s: further logins from there are "
+                    "refused unchecked until the rate limit lets one through "
+                    "(limits.failedLocalLogins)",
+                    source,
+                    extra={"peer": self.peer},
+                )
             self.core.reject_login()
             return
         self._account = account
@@ -312,20 +378,22 @@ class ProxySession:
     async def _fetch_and_provide(self, *, force_refresh: bool) -> None:
         account = self._account
         assert account is not None
+        upstream_user = account.upstream_username or self._username
+        wait = self.ctx.backoffs.remaining(self._username, time.monotonic())
+        if wait > 0:  # the upstream asked for a break: don't ask it again before then
+            self._diagnosis = (diagnostics.throttled(wait), "")
+            self.core.token_unavailable(permanent=False)
+            return
         try:
             token = await self.ctx.tokens.get(
                 account, self._username, force_refresh=force_refresh, stale=self._token
             )
-        except PermanentTokenError as exc:
-            log.warning("no token for %s: %s", self._username, exc.code)
-            self.core.token_unavailable(permanent=True)
-            return
-        except TokenError as exc:
-            log.warning("no token for %s (temporary): %s", self._username, exc.code)
-            self.core.token_unavailable(permanent=False)
+        except TokenError as exc:  # logged with its diagnosis by `_login_failed`
+            diagnosis = diagnose_token_error(exc.code, exc.description, username=upstream_user)
+            self._diagnosis = (diagnosis, str(exc))  # "code: description", scrubbed
+            self.core.token_unavailable(permanent=isinstance(exc, PermanentTokenError))
             return
         self._token = token
-        upstream_user = account.upstream_username or self._username
         self.core.provide_token(upstream_user, token.value.reveal(), account.mechanism)
 
     def _login_succeeded(self, username: str) -> None:
@@ -342,8 +410,31 @@ class ProxySession:
         self.ctx.bound.login(kind.value).inc()
         if kind in (core_api.FailureKind.UPSTREAM_ERROR, core_api.FailureKind.NOT_CONNECTED):
             self.ctx.bound.upstream_error(kind.value).inc()
-        log.info(
-            "login failed for %s: %s %s", username, kind.value, detail, extra={"peer": self.peer}
+        if self._token is not None and self._token.value.reveal() in detail:
+            detail = ""  # never log a credential, whatever the upstream echoed
+        account = self.ctx.config().account_for(username)
+        known, self._diagnosis = self._diagnosis, None
+        if known is not None:
+            diagnosis, detail = known
+        else:
+            upstream_user = (account.upstream_username if account else None) or username
+            diagnosis = diagnostics.diagnose(
+                kind,
+                detail,
+                stage=Stage(self.ctx.listener.protocol.value),
+                known_user=account is not None,
+                upstream_user=upstream_user,
+            )
+        diagnostics.hold_if_throttled(
+            self.ctx.backoffs, diagnosis, username, detail, time.monotonic()
+        )
+        diagnostics.report(
+            diagnosis,
+            metrics=self.ctx.metrics,
+            listener=self.ctx.listener.name,
+            account=username,
+            detail=detail,
+            peer=self.peer,
         )
 
     # -- the end of the pre-login phase ---------------------------------------------------
@@ -358,17 +449,19 @@ class ProxySession:
         if to_client or self._late_upstream:
             self.client.write(to_client + bytes(self._late_upstream))
         bound = self.ctx.bound
-        splice(
+        done = self.done
+        end = splice(
             self.client,
             upstream,
             bound.relayed_up.inc,
             bound.relayed_down.inc,
-            self._spliced_closed,
+            partial(_resolve, done),
         )
+        self._handover(SplicedSession(self.ctx, self.peer, end, done))
 
-    def _spliced_closed(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+    def close_if_idle(self, now: float, timeout: float) -> bool:
+        """Before login the login timeout applies instead."""
+        return False
 
     def _close_all(self) -> None:
         self.client.close()
@@ -376,11 +469,63 @@ class ProxySession:
             self.upstream.close()
 
     def abort(self) -> None:
-        """Drop the connection now (shutdown after the drain period)."""
+        """Drop the connection now (shutdown after the drain period); the pump sees both
+        sides lost, ends, and `done` resolves."""
         self.client.abort()
         if self.upstream is not None:
             self.upstream.abort()
-        self._spliced_closed()
+
+
+class SplicedSession:
+    """A session after login: only what the idle sweep, the drain and the end need.
+
+    The core, the pump task and the login state of `ProxySession` are gone by now: with
+    1,000 idle IMAP sessions they were ~5 KB each (bench/README.md).
+    """
+
+    __slots__ = ("ctx", "done", "end", "peer")
+
+    def __init__(
+        self, ctx: SessionContext, peer: str, end: SpliceEnd, done: asyncio.Future[None]
+    ) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.end = end  # the client's end; its `peer` is the upstream's
+        self.done = done
+
+    def close_if_idle(self, now: float, timeout: float) -> bool:
+        """Close both sides, with a goodbye to the client, when no bytes moved either way
+        for `timeout` seconds (the server's idle sweep calls this)."""
+        client = self.end.transport
+        if client is None or client.is_closing() or now - self.end.idle_since < timeout:
+            return False
+        log.info("no traffic for %.0f s after login; closing", timeout, extra={"peer": self.peer})
+        self.ctx.bound.timeout("idle").inc()
+        client.write(GOODBYE[self.ctx.listener.protocol].idle_timeout)
+        self.end.close()  # closes the upstream end too, then resolves `done`
+        return True
+
+    def abort(self) -> None:
+        """Drop the connection now (shutdown after the drain period)."""
+        for end in (self.end, self.end.peer):
+            if end is not None and end.transport is not None:
+                end.transport.abort()
+        _resolve(self.done)
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _failure(exc: BaseException) -> str:
+    """An upstream connection failure for the log; a certificate problem says so plainly
+    (the login was never sent), and an exception without text is named by its class."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message.rstrip('.')}; not logging in"
+    if isinstance(exc, TimeoutError):
+        return exc.__class__.__name__
+    return str(exc) or exc.__class__.__name__
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:

@@ -3,20 +3,24 @@
 Each direction is `data_received -> peer.write`; when a peer's write buffer fills,
 asyncio calls `pause_writing` on that peer's protocol, which pauses reading on the
 source, so a fast sender can't make us buffer without bound. Byte counts go to the
-metrics in the chunks the kernel delivers, never per line.
+metrics in the chunks the kernel delivers, never per line. Each end notes the time of
+its last chunk (`last`), which the server's idle sweep reads: no timer per session.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from time import monotonic
+
+from mailwarden_proxy.relay.reading import CopyingReader
 
 # Larger than asyncio's 64 KiB default: fewer pause/resume round trips on bulk FETCH.
 WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
 
 
-class SpliceEnd(asyncio.Protocol):
+class SpliceEnd(CopyingReader):
     """The protocol installed on one transport once the session is spliced."""
 
     def __init__(self, count: Callable[[int], None], on_closed: Callable[[], None]) -> None:
@@ -25,6 +29,12 @@ class SpliceEnd(asyncio.Protocol):
         self._count = count
         self._on_closed = on_closed
         self._closed = False
+        self.last = monotonic()  # when bytes last arrived on this end
+
+    @property
+    def idle_since(self) -> float:
+        """When bytes last moved either way (read on this end or on its peer)."""
+        return self.last if self.peer is None else max(self.last, self.peer.last)
 
     def attach(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -32,6 +42,7 @@ class SpliceEnd(asyncio.Protocol):
         transport.set_protocol(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last = monotonic()
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
@@ -71,8 +82,10 @@ def splice(
     count_up: Callable[[int], None],
     count_down: Callable[[int], None],
     on_closed: Callable[[], None],
-) -> None:
-    """Install splice protocols on both transports; `on_closed` runs once, at the end."""
+) -> SpliceEnd:
+    """Install splice protocols on both transports; `on_closed` runs once, at the end.
+
+    Returns the client's end (its `peer` is the upstream's)."""
     done = False
 
     def closed_once() -> None:
@@ -89,3 +102,4 @@ def splice(
     # reading was paused during the hand-over so no chunk reached the old protocols
     client.resume_reading()
     upstream.resume_reading()
+    return client_end

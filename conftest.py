@@ -1,4 +1,5 @@
 pytest_plugins = [
+    "tests.fixtures.secrets_scan",  # first: other fixtures import it
     "tests.fixtures.kube",
     "tests.fixtures.idp",
     "tests.fixtures.dovecot",
@@ -6,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.mailservers",
     "tests.fixtures.proxy",
     "tests.fixtures.operator",
+    "tests.fixtures.faulty",
 ]

@@ -22,9 +22,11 @@ from mailwarden_proxy.config.model import (
     UpstreamTLS,
 )
 from mailwarden_proxy.demo.idp import LocalIdP
+from mailwarden_proxy.demo.idp_grants import SECRET_MARKER, new_secret
 from mailwarden_proxy.secret import Secret
 
-LOCAL_PASSWORD = "local-app-password"
+# secrets carry the IdP's leak-scan marker (see tests/fixtures/secrets_scan.py)
+LOCAL_PASSWORD = f"{SECRET_MARKER}-local-app-password"
 
 
 def listener(
@@ -60,7 +62,7 @@ def app_account(
 ) -> Account:
     """A client-credentials account (app-only token valid for any mailbox)."""
     client_id = f"client-{secrets.token_hex(4)}"
-    client_secret = secrets.token_urlsafe(16)
+    client_secret = new_secret(16)
     idp.register_client(client_id, client_secret)
     return Account(
         username=username,

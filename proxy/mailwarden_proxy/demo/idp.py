@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import secrets
 import ssl
 import threading
 import time
@@ -27,7 +26,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from mailwarden_proxy.demo.idp_grants import Client, Grant, GrantState, OAuthError, Reply
+from mailwarden_proxy.demo.idp_grants import (
+    Client,
+    Grant,
+    GrantState,
+    OAuthError,
+    Reply,
+    new_secret,
+    scripted_error,
+)
 from mailwarden_proxy.demo.tlsca import IssuedCert
 
 _HANG_LIMIT = 30.0  # a "timeout" failure never holds a handler thread longer than this
@@ -144,14 +151,14 @@ class LocalIdP(GrantState):
             self._service_accounts[client_email] = key
 
     def issue_refresh_token(self, username: str, client_id: str, scope: str = "") -> str:
-        token = secrets.token_urlsafe(48)
+        token = new_secret(48)
         with self._lock:
             self._users.setdefault(username.lower(), None)
             self._refresh[token] = Grant(username, client_id, scope)
         return token
 
     def issue_token(self, username: str | None, lifetime: float | None = None) -> str:
-        token = secrets.token_urlsafe(32)
+        token = new_secret(32)
         life = self.token_lifetime if lifetime is None else lifetime
         with self._lock:
             self._access[token] = Grant(username, None, "", time.time() + life)
@@ -188,7 +195,9 @@ class LocalIdP(GrantState):
 
     def fail_next(self, mode: str, count: int = 1) -> None:
         """Queue `count` failures: "500" (any 4xx/5xx status), "timeout", "invalid_grant",
-        "invalid_client", "slow:<seconds>" (answers normally, late)."""
+        "invalid_client", "slow:<seconds>" (answers normally, late), "aadsts:<number>"
+        (Entra ID's error body for that AADSTS code, see `idp_grants.AADSTS_ERRORS`),
+        "google:<name>" (Google's, see `idp_grants.GOOGLE_ERRORS`)."""
         with self._lock:
             self._failures.extend([mode] * count)
 
@@ -244,6 +253,8 @@ class LocalIdP(GrantState):
             raise OAuthError("invalid_grant", 70000, "The provided grant is invalid (injected).")
         elif mode == "invalid_client":
             raise OAuthError("invalid_client", 7000215, "Invalid client secret provided.", 401)
+        elif mode and mode.startswith(("aadsts:", "google:")):
+            return scripted_error(mode, form.get("client_id", ""), tenant)
         elif mode and mode.isdigit():
             status = int(mode)
             return status, {"error": "server_error", "error_description": f"injected {status}"}

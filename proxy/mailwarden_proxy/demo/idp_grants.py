@@ -27,6 +27,16 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 Reply = tuple[int, dict[str, Any]] | None  # None: drop the connection without an answer
 
+# Every credential this IdP issues (access and refresh tokens, authorization and device
+# codes) starts with this marker, so tests can scan logs, exception texts, metrics and
+# Events for leaks (tests/fixtures/secrets_scan.py). Nothing else emits it.
+SECRET_MARKER = "mwcanary"
+
+
+def new_secret(nbytes: int) -> str:
+    """A random credential carrying `SECRET_MARKER`."""
+    return SECRET_MARKER + secrets.token_urlsafe(nbytes)
+
 
 class OAuthError(Exception):
     def __init__(self, error: str, aadsts: int, description: str, status: int = 400) -> None:
@@ -38,6 +48,117 @@ class OAuthError(Exception):
             "error_codes": [aadsts],
             "timestamp": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
         }
+
+
+# Error bodies as Entra ID and Google send them, for `LocalIdP.fail_next("aadsts:<n>")`
+# and `fail_next("google:<error>")`: (OAuth error, description, HTTP status).
+AADSTS_ERRORS: dict[int, tuple[str, str, int]] = {
+    7000215: (
+        "invalid_client",
+        "Invalid client secret provided. Ensure the secret being "
+        "sent in the request is the client secret value, not the client secret ID, for "
+        "a secret added to app '{client}'.",
+        401,
+    ),
+    7000222: (
+        "invalid_client",
+        "The provided client secret keys for app '{client}' are expired.",
+        401,
+    ),
+    700016: (
+        "unauthorized_client",
+        "Application with identifier '{client}' was not found in the directory '{tenant}'.",
+        400,
+    ),
+    65001: (
+        "invalid_grant",
+        "The user or administrator has not consented to use the application with ID '{client}'.",
+        400,
+    ),
+    50076: (
+        "interaction_required",
+        "Due to a configuration change made by your "
+        "administrator, or because you moved to a new location, you must use multi-factor "
+        "authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+        400,
+    ),
+    50079: (
+        "interaction_required",
+        "Due to a configuration change made by your "
+        "administrator, or because you moved to a new location, you must enroll in "
+        "multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+        400,
+    ),
+    70043: (
+        "invalid_grant",
+        "The refresh token has expired or is invalid due to sign-in "
+        "frequency checks by conditional access.",
+        400,
+    ),
+    700082: (
+        "invalid_grant",
+        "The refresh token has expired due to inactivity. The token "
+        "was issued on 2026-01-02T03:04:05Z and was inactive for 90.00:00:00.",
+        400,
+    ),
+    54005: (
+        "invalid_grant",
+        "OAuth2 Authorization code was already redeemed, please retry "
+        "with a new valid code or use an existing refresh token.",
+        400,
+    ),
+    50126: (
+        "invalid_grant",
+        "Error validating credentials due to invalid username or password.",
+        400,
+    ),
+    90002: (
+        "invalid_request",
+        "Tenant '{tenant}' not found. Check to make sure you have the "
+        "correct tenant ID and are signing into the correct cloud.",
+        400,
+    ),
+    500011: (
+        "invalid_resource",
+        "The resource principal named "
+        "https://outlook.office365.com was not found in the tenant named {tenant}.",
+        400,
+    ),
+    53003: (
+        "access_denied",
+        "Access has been blocked by Conditional Access policies. The "
+        "access policy does not allow token issuance.",
+        400,
+    ),
+}
+GOOGLE_ERRORS: dict[str, tuple[str, str, int]] = {
+    "unauthorized_client": (
+        "unauthorized_client",
+        "Client is unauthorized to retrieve "
+        "access tokens using this method, or client not authorized for "
+        "any of the scopes requested.",
+        401,
+    ),
+    "invalid_grant": ("invalid_grant", "Token has been expired or revoked.", 400),
+    "user_not_found": ("invalid_grant", "Invalid email or User ID", 400),
+}
+
+
+def scripted_error(mode: str, client: str, tenant: str) -> tuple[int, dict[str, Any]]:
+    """The answer for a failure mode "aadsts:<number>" or "google:<name>"."""
+    kind, _, name = mode.partition(":")
+    if kind == "google":
+        error, description, status = GOOGLE_ERRORS[name]
+        return status, {"error": error, "error_description": description}
+    number = int(name)
+    error, description, status = AADSTS_ERRORS.get(
+        number, ("invalid_request", "Injected error.", 400)
+    )
+    # Entra ID appends trace ids and a timestamp, which the proxy strips before logging
+    trace = " Trace ID: 0d7a8f1e-0000-4000-8000-000000000000 Correlation ID: 7c1f Timestamp: x"
+    text = description.format(client=client, tenant=tenant) + trace
+    err = OAuthError(error, number, text, status)
+    return err.status, err.body
 
 
 @dataclass
@@ -91,7 +212,7 @@ class GrantState:
     def issue_authorization_code(
         self, username: str, client_id: str, redirect_uri: str, code_challenge: str | None = None
     ) -> str:
-        code = secrets.token_urlsafe(24)
+        code = new_secret(24)
         with self._lock:
             self._codes[code] = (Grant(username, client_id, ""), redirect_uri, code_challenge)
         return code
@@ -223,7 +344,7 @@ class GrantState:
     def _device_authorization(self, form: dict[str, str]) -> dict[str, Any]:
         user_code = "".join(secrets.choice("BCDFGHJKLMNPQRSTVWXZ23456789") for _ in range(9))
         device = Device(
-            secrets.token_urlsafe(32),
+            new_secret(32),
             form.get("client_id", ""),
             form.get("scope", ""),
             time.time() + 900,
@@ -296,7 +417,7 @@ class GrantState:
         return 302, {"location": location}
 
     def _respond(self, grant: Grant, tenant: str) -> dict[str, Any]:
-        access = secrets.token_urlsafe(32)
+        access = new_secret(32)
         grant.expires_at = time.time() + self.token_lifetime
         reply: dict[str, Any] = {
             "token_type": "Bearer",
@@ -308,7 +429,7 @@ class GrantState:
         with self._lock:
             self._access[access] = grant
             if grant.username is not None:
-                refresh = secrets.token_urlsafe(48)
+                refresh = new_secret(48)
                 self._refresh[refresh] = Grant(grant.username, grant.client_id, grant.scope)
         if grant.username is None:
             return reply

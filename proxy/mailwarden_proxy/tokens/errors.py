@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import requests
 
+from mailwarden_proxy.secret import Secret
 from mailwarden_proxy.tokens.base import PermanentTokenError, TemporaryTokenError, TokenError
 
 # RFC 6749 §5.2, RFC 8628 §3.5 and what Microsoft/Google add. Codes in neither set are
@@ -59,6 +60,7 @@ _SCRUB = re.compile(
 # Microsoft appends trace/correlation ids and a timestamp: noise in logs and metrics
 _TRACE = re.compile(r"\s*(Trace ID|Correlation ID|Timestamp):.*$", re.IGNORECASE | re.DOTALL)
 _MAX_DESCRIPTION = 300
+_MIN_MASKED = 8
 
 
 def scrub(text: str) -> str:
@@ -66,6 +68,23 @@ def scrub(text: str) -> str:
     cleaned = _SCRUB.sub(lambda m: f"{m['key']}{m['q']}****", text)
     cleaned = " ".join(cleaned.split())
     return cleaned[:_MAX_DESCRIPTION]
+
+
+def without_credentials(exc: TokenError, values: Iterable[Secret | None]) -> TokenError:
+    """`exc` again, with every credential among `values` masked in its code and text.
+
+    `scrub` masks the values of named fields (`client_secret=…`); an identity provider, or a
+    gateway in front of it, may also quote a credential back bare ("the secret X is not
+    valid"), which only the provider, knowing what it sent, can recognise. Values shorter
+    than 8 characters are left alone: masking them would garble ordinary words."""
+    code, description = exc.code, exc.description
+    for value in values:
+        text = value.reveal() if value is not None else ""
+        if len(text) >= _MIN_MASKED:
+            code, description = code.replace(text, "****"), description.replace(text, "****")
+    if (code, description) == (exc.code, exc.description):
+        return exc
+    return type(exc)(code, description)
 
 
 def _describe(body: Mapping[str, Any]) -> str:

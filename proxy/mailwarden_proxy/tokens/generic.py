@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from mailwarden_proxy.config.model import Account, Flow
 from mailwarden_proxy.secret import Secret
-from mailwarden_proxy.tokens.base import AccessToken, PermanentTokenError
-from mailwarden_proxy.tokens.errors import from_token_response
+from mailwarden_proxy.tokens.base import AccessToken, PermanentTokenError, TokenError
+from mailwarden_proxy.tokens.errors import from_token_response, without_credentials
 from mailwarden_proxy.tokens.http import DEFAULT_TIMEOUT, make_session, post_token_request
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,14 @@ class GenericProvider:
         )
 
     def fetch(self, username: str) -> AccessToken:
+        try:
+            return self._fetch(username)
+        except TokenError as exc:
+            o = self._oauth2
+            sent = (o.client_secret, o.password, o.refresh_token, self.refresh_token.current)
+            raise without_credentials(exc, sent) from None
+
+    def _fetch(self, username: str) -> AccessToken:
         oauth2 = self._oauth2
         data = {"client_id": oauth2.client_id, "scope": " ".join(oauth2.scopes)}
         if oauth2.client_secret:

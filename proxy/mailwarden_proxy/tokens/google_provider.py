@@ -22,7 +22,12 @@ from mailwarden_proxy.tokens.base import (
     TemporaryTokenError,
     TokenError,
 )
-from mailwarden_proxy.tokens.errors import from_exception, from_oauth_error, scrub
+from mailwarden_proxy.tokens.errors import (
+    from_exception,
+    from_oauth_error,
+    scrub,
+    without_credentials,
+)
 from mailwarden_proxy.tokens.generic import RefreshTokenHook, RotatingRefreshToken, require
 from mailwarden_proxy.tokens.http import DEFAULT_TIMEOUT, make_session
 
@@ -54,6 +59,14 @@ class GoogleProvider:
         self._lock = threading.Lock()
 
     def fetch(self, username: str) -> AccessToken:
+        try:
+            return self._fetch(username)
+        except TokenError as exc:
+            o = self._oauth2
+            sent = (o.client_secret, o.password, o.refresh_token, self.refresh_token.current)
+            raise without_credentials(exc, sent) from None
+
+    def _fetch(self, username: str) -> AccessToken:
         started = time.time()
         try:
             credentials = self._credentials(username)

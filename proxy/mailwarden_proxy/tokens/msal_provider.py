@@ -30,7 +30,12 @@ from mailwarden_proxy.tokens.base import (
     TemporaryTokenError,
     TokenError,
 )
-from mailwarden_proxy.tokens.errors import from_exception, from_oauth_error, scrub
+from mailwarden_proxy.tokens.errors import (
+    from_exception,
+    from_oauth_error,
+    scrub,
+    without_credentials,
+)
 from mailwarden_proxy.tokens.generic import (
     RefreshTokenHook,
     RotatingRefreshToken,
@@ -144,6 +149,14 @@ class MsalProvider:
         return device.prompt if device is not None and not device.done.is_set() else None
 
     def fetch(self, username: str) -> AccessToken:
+        try:
+            return self._fetch(username)
+        except TokenError as exc:
+            o = self._oauth2
+            sent = (o.client_secret, o.password, o.refresh_token, self.refresh_token.current)
+            raise without_credentials(exc, sent) from None
+
+    def _fetch(self, username: str) -> AccessToken:
         started = time.time()
         try:
             result = self._acquire(username)

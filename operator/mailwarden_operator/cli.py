@@ -7,8 +7,11 @@
   and does the same for every account section.
 - `test` runs the proxy in-process from a rendered configuration and reports each step
   (`mailtest`).
+- `doctor` reads the same rendered configuration and walks the chain step by step (DNS,
+  TCP, TLS and certificate, token, login, a follow-up command) with the proxy's
+  `diagnose`, printing the error catalogue's fix for the first failure.
 
-Exit codes: 0 success, 1 a test step or `kubectl apply` failed, 2 the input was refused
+Exit codes: 0 success, 1 a test/doctor step or `kubectl apply` failed, 2 the input was refused
 (with the offending flag or `[section] key` named, never a traceback).
 
 `--force` (kept from the guides, where it overwrote an existing registration): a plain
@@ -24,6 +27,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from mailwarden_operator.cli_register import (
     account_from_flags,
     read_client_secret,
 )
-from mailwarden_operator.mailtest import TestSetupError, main_test
+from mailwarden_operator.mailtest import TestSetupError, load_target, main_test
 from mailwarden_operator.spec import SpecError, parse_spec
 from mailwarden_proxy.config.common import Warnings
 from mailwarden_proxy.config.errors import ConfigError
@@ -149,12 +153,45 @@ def _test_parser(sub: Any) -> None:
     p.set_defaults(run=_test)
 
 
+def _doctor_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="diagnose a MailAccount step by step and say what to fix",
+        description="Read a MailAccount's rendered Secret (or --config FILE) and walk the chain "
+        "the sidecar depends on, for every upstream: DNS, TCP, TLS and the certificate, the "
+        "token request, the XOAUTH2/OAUTHBEARER login, a follow-up command (IMAP NOOP + "
+        "EXAMINE INBOX, POP3 STAT, SMTP MAIL FROM + RSET). Each step's result is printed, and "
+        "the first failure of each upstream with the error catalogue's cause and fix. "
+        "Exit code 0: all passed, 1: a step failed, 2: no usable configuration. No token, "
+        "secret or password is printed.",
+    )
+    p.add_argument("mailaccount", nargs="?", help="MailAccount name (reads Secret <name>-proxy)")
+    p.add_argument("--config", type=Path, help="a proxy configuration file instead")
+    p.add_argument("-n", "--namespace")
+    p.add_argument("--kubeconfig")
+    p.add_argument("--username", help="login name (needed for catch-all accounts)")
+    p.add_argument(
+        "--protocol",
+        action="append",
+        choices=("imap", "pop3", "smtp"),
+        help="only this protocol's upstream (repeatable; default: all)",
+    )
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds per step (default 15)")
+    p.add_argument(
+        "--no-mail-from",
+        action="store_true",
+        help="SMTP follow-up: NOOP instead of MAIL FROM + RSET",
+    )
+    p.set_defaults(run=_doctor)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailwarden", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     _register_parser(sub)
     _import_parser(sub)
     _test_parser(sub)
+    _doctor_parser(sub)
     return p
 
 
@@ -303,6 +340,38 @@ def _test(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         out=sys.stdout,
     )
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    if (args.config is None) == (args.mailaccount is None):
+        raise CliError("give either a MailAccount name or --config FILE")
+    from mailwarden_proxy.config.model import MailProtocol
+    from mailwarden_proxy.diagnose import Options, SetupError, run_diagnosis
+
+    options = Options(
+        timeout=args.timeout,
+        protocols=frozenset(MailProtocol(p) for p in args.protocol or MailProtocol),
+        mail_from=not args.no_mail_from,
+    )
+    with tempfile.TemporaryDirectory(prefix="mailwarden-doctor-") as tmp:
+        target = load_target(
+            args.config,
+            args.mailaccount,
+            namespace=args.namespace,
+            kubeconfig=args.kubeconfig,
+            username=args.username,
+            workdir=Path(tmp),
+        )
+        try:
+            return run_diagnosis(
+                target.config,
+                username=target.username,
+                label=target.label,
+                out=sys.stdout,
+                options=options,
+            )
+        except SetupError as exc:
+            raise CliError(str(exc)) from None
 
 
 def _setup_logging() -> None:

@@ -1,4 +1,4 @@
-"""`mailwarden-proxy`: run the proxy, check a configuration, or watch the demo."""
+"""`mailwarden-proxy`: run the proxy, check or diagnose a configuration, or watch the demo."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailwarden_proxy import logsetup
 from mailwarden_proxy.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mailwarden_proxy.config.model import ProxyConfig
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -24,6 +28,36 @@ def _run_parser() -> argparse.ArgumentParser:
         "--check",
         action="store_true",
         help="validate, print the effective configuration (secrets masked) and exit",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="walk the chain for the account step by step (DNS, TCP, TLS and certificate, "
+        "token request, XOAUTH2/OAUTHBEARER login, a follow-up command) for every upstream, "
+        "print each result and the fix for the first failure, and exit: 0 all passed, "
+        "1 a step failed, 2 configuration error; no token or secret is printed",
+    )
+    parser.add_argument(
+        "--username",
+        help="with --diagnose: the mailbox to log in as (needed when the configuration has "
+        "several accounts or a catch-all)",
+    )
+    parser.add_argument(
+        "--protocol",
+        action="append",
+        choices=("imap", "pop3", "smtp"),
+        help="with --diagnose: only this protocol's upstream (repeatable; default all)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=15.0,
+        help="with --diagnose: seconds per step (default 15)",
+    )
+    parser.add_argument(
+        "--no-mail-from",
+        action="store_true",
+        help="with --diagnose: SMTP follow-up NOOP instead of MAIL FROM + RSET",
     )
     parser.add_argument(
         "--drain-seconds",
@@ -79,12 +113,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(describe(config))
         return 0
+    if args.diagnose:
+        return _diagnose(config, args)
 
+    from mailwarden_proxy import footprint
     from mailwarden_proxy.app import install_event_loop, run
 
+    footprint.apply()
     install_event_loop()
     asyncio.run(run(args.config, args.drain_seconds, args.watch_interval))
     return 0
+
+
+def _diagnose(config: ProxyConfig, args: argparse.Namespace) -> int:
+    from mailwarden_proxy.config.model import MailProtocol
+    from mailwarden_proxy.diagnose import Options, SetupError, run_diagnosis
+
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    protocols = frozenset(MailProtocol(p) for p in args.protocol or MailProtocol)
+    options = Options(timeout=args.timeout, protocols=protocols, mail_from=not args.no_mail_from)
+    try:
+        return run_diagnosis(
+            config, username=args.username, label=str(args.config), out=sys.stdout, options=options
+        )
+    except SetupError as exc:
+        print(f"mailwarden-proxy --diagnose: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from mailwarden_proxy.config.model import Account, Flow
+from mailwarden_proxy.config.model import Account, Flow, OAuth2
 from mailwarden_proxy.secret import Secret
 from mailwarden_proxy.tokens.base import AccessToken, PermanentTokenError, TokenError
 from mailwarden_proxy.tokens.errors import from_token_response, without_credentials
@@ -59,6 +59,22 @@ class RotatingRefreshToken:
                 log.exception("storing the new refresh token of %s failed", self._account)
 
 
+def fetch_masking_credentials(
+    fetch: Callable[[str], AccessToken],
+    username: str,
+    oauth2: OAuth2,
+    refresh_token: RotatingRefreshToken,
+) -> AccessToken:
+    """`fetch(username)`, with every credential the provider sends masked in its errors
+    (`errors.without_credentials`: an identity provider may quote one back bare)."""
+    try:
+        return fetch(username)
+    except TokenError as exc:
+        o = oauth2
+        sent = (o.client_secret, o.password, o.refresh_token, refresh_token.current)
+        raise without_credentials(exc, sent) from None
+
+
 def upstream_login(account: Account, username: str) -> str:
     """The mailbox a per-user grant is for: explicit upstream name, else who logged in."""
     if account.upstream_username:
@@ -96,12 +112,7 @@ class GenericProvider:
         )
 
     def fetch(self, username: str) -> AccessToken:
-        try:
-            return self._fetch(username)
-        except TokenError as exc:
-            o = self._oauth2
-            sent = (o.client_secret, o.password, o.refresh_token, self.refresh_token.current)
-            raise without_credentials(exc, sent) from None
+        return fetch_masking_credentials(self._fetch, username, self._oauth2, self.refresh_token)
 
     def _fetch(self, username: str) -> AccessToken:
         oauth2 = self._oauth2

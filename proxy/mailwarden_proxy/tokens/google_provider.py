@@ -26,9 +26,13 @@ from mailwarden_proxy.tokens.errors import (
     from_exception,
     from_oauth_error,
     scrub,
-    without_credentials,
 )
-from mailwarden_proxy.tokens.generic import RefreshTokenHook, RotatingRefreshToken, require
+from mailwarden_proxy.tokens.generic import (
+    RefreshTokenHook,
+    RotatingRefreshToken,
+    fetch_masking_credentials,
+    require,
+)
 from mailwarden_proxy.tokens.http import DEFAULT_TIMEOUT, make_session
 
 GMAIL_SCOPE = "https://mail.google.com/"
@@ -59,12 +63,7 @@ class GoogleProvider:
         self._lock = threading.Lock()
 
     def fetch(self, username: str) -> AccessToken:
-        try:
-            return self._fetch(username)
-        except TokenError as exc:
-            o = self._oauth2
-            sent = (o.client_secret, o.password, o.refresh_token, self.refresh_token.current)
-            raise without_credentials(exc, sent) from None
+        return fetch_masking_credentials(self._fetch, username, self._oauth2, self.refresh_token)
 
     def _fetch(self, username: str) -> AccessToken:
         started = time.time()

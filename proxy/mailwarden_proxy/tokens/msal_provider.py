@@ -34,11 +34,11 @@ from mailwarden_proxy.tokens.errors import (
     from_exception,
     from_oauth_error,
     scrub,
-    without_credentials,
 )
 from mailwarden_proxy.tokens.generic import (
     RefreshTokenHook,
     RotatingRefreshToken,
+    fetch_masking_credentials,
     require,
     upstream_login,
 )
@@ -149,12 +149,7 @@ class MsalProvider:
         return device.prompt if device is not None and not device.done.is_set() else None
 
     def fetch(self, username: str) -> AccessToken:
-        try:
-            return self._fetch(username)
-        except TokenError as exc:
-            o = self._oauth2
-            sent = (o.client_secret, o.password, o.refresh_token, self.refresh_token.current)
-            raise without_credentials(exc, sent) from None
+        return fetch_masking_credentials(self._fetch, username, self._oauth2, self.refresh_token)
 
     def _fetch(self, username: str) -> AccessToken:
         started = time.time()

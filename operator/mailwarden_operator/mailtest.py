@@ -42,6 +42,7 @@ from mailwarden_proxy.config.model import (
     Metrics,
     ProxyConfig,
 )
+from mailwarden_proxy.diagnose import SetupError, pick_account
 from mailwarden_proxy.tokens.base import TokenError
 
 OK, FAIL = "✓", "✗"
@@ -64,16 +65,10 @@ class Target:
 
 
 def _pick(config: ProxyConfig, username: str | None) -> tuple[Account, str]:
-    if username is None:
-        named = [a for a in config.accounts if not a.is_catch_all]
-        if len(config.accounts) != 1 or not named:
-            listed = ", ".join(a.username for a in config.accounts)
-            raise TestSetupError(f"the configuration has accounts {listed}: pass --username")
-        return named[0], named[0].username
-    account = config.account_for(username)
-    if account is None:
-        raise TestSetupError(f"no account of the configuration serves {username}")
-    return account, username
+    try:
+        return pick_account(config, username)
+    except SetupError as exc:
+        raise TestSetupError(str(exc)) from None
 
 
 def target_from_file(path: Path, username: str | None) -> Target:

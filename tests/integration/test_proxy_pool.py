@@ -18,6 +18,7 @@ from mailwarden_proxy.protocols.session import UpstreamInfo
 from mailwarden_proxy.protocols.smtp import SmtpCore
 from mailwarden_proxy.relay.pool import POOL_SIZE, UpstreamPool
 from mailwarden_proxy.relay.tls import upstream_context
+from tests.fixtures.faulty import CutRelay
 from tests.integration.proxyconf import LOCAL_PASSWORD, app_account, config, listener
 from tests.integration.test_proxy_smtp import USER, _message
 
@@ -105,6 +106,55 @@ def test_connection_closed_by_the_server_while_idle_is_not_used(
     assert [m.subject for m in smtpd.wait_for_messages(2)] == ["first", "second"]
     _wait(lambda: _idle(proxy) == POOL_SIZE)
     assert smtpd.connections == before + 1 + POOL_SIZE  # its own connection, then a refill
+
+
+def _start_behind_relay(
+    run_proxy: Any, idp: LocalIdP, smtpd: Any, local_ca: LocalCA, cut_relay: Any
+) -> tuple[Any, CutRelay]:
+    """A proxy whose upstream connections all pass through a relay that can cut them;
+    one send has run, so the pool is full."""
+    relay: CutRelay = cut_relay("127.0.0.1", smtpd.port)
+    lst = listener(NAME, MailProtocol.SMTP, relay.port, _tls(smtpd), local_ca.ca_path)
+    proxy = run_proxy(config([lst], [app_account(idp, USER)]))
+    _send(proxy, "first")
+    _wait(lambda: _idle(proxy) == POOL_SIZE)
+    return proxy, relay
+
+
+def test_warm_connection_lost_before_login_is_replaced(
+    run_proxy: Any, idp: LocalIdP, smtpd: Any, local_ca: LocalCA, cut_relay: Any
+) -> None:
+    """Every upstream connection drops (a restart, a network cut) while a client that
+    was greeted from a warm connection hasn't logged in yet: the session continues on a
+    new connection instead of answering 421."""
+    proxy, relay = _start_behind_relay(run_proxy, idp, smtpd, local_ca, cut_relay)
+    with smtplib.SMTP("127.0.0.1", proxy.port(NAME), timeout=10) as client:
+        # greeted: the session holds a warm connection; the pool holds POOL_SIZE more
+        _wait(lambda: _idle(proxy) == POOL_SIZE)
+        relay.cut()
+        _wait(lambda: _idle(proxy) == 0)  # the parked ones are discarded
+        client.login(USER, LOCAL_PASSWORD)
+        client.send_message(_message("after the cut"))
+    assert [m.subject for m in smtpd.wait_for_messages(2)] == ["first", "after the cut"]
+    labels = {"listener": NAME, "protocol": "smtp", "result": "ok"}
+    assert proxy.metric("mailwarden_logins_total", **labels) == 2
+
+
+def test_warm_connection_lost_before_answering_auth_is_replaced(
+    run_proxy: Any, idp: LocalIdP, smtpd: Any, local_ca: LocalCA, cut_relay: Any
+) -> None:
+    """The warm connection dies with our AUTH in flight and no answer: the AUTH goes
+    again on a new connection (nothing of a message has been sent yet)."""
+    proxy, relay = _start_behind_relay(run_proxy, idp, smtpd, local_ca, cut_relay)
+    attempts = smtpd.auth_attempts
+    with smtplib.SMTP("127.0.0.1", proxy.port(NAME), timeout=10) as client:
+        client.ehlo()  # answered by the proxy from the warm connection's extensions
+        relay.cut_after(upstream=1)  # the AUTH line is dropped, then every connection
+        client.login(USER, LOCAL_PASSWORD)
+        assert relay.wait_cut()
+        client.send_message(_message("auth again"))
+    assert [m.subject for m in smtpd.wait_for_messages(2)] == ["first", "auth again"]
+    assert smtpd.auth_attempts == attempts + 1  # the dropped AUTH never reached it
 
 
 def test_idle_connections_are_recycled(idp: LocalIdP, smtpd: Any, local_ca: LocalCA) -> None:

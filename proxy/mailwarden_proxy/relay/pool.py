@@ -30,8 +30,11 @@ Design
   next take, and a failed warm-up is not retried until then either, so an unreachable
   upstream cannot make the pool spin.
 - A warm connection can still die between the check in `take` and the login (the
-  upstream's FIN in flight). The session then sees the upstream close, as it would with
-  a connection of its own that dropped during login.
+  upstream's FIN in flight, or every connection dropped at once by a restart or a
+  network cut). Until the upstream has answered anything of the session's, nothing is
+  lost by starting over, so the session asks `connect` for a new connection, replays
+  what it had sent (at most the AUTH command) and the client never notices; see
+  `ProxySession._replace_stale_upstream`.
 """
 
 from __future__ import annotations
@@ -172,7 +175,23 @@ class UpstreamPool:
             self._warming.add(task)
             task.add_done_callback(self._warming.discard)
 
+    async def connect(self) -> WarmUpstream | None:
+        """A new connection with its prelude done, for the caller alone (not parked);
+        None if the upstream can't be reached or its prelude failed."""
+        if self._closed:
+            return None
+        return await self._open()
+
     async def _warm_up(self) -> None:
+        warm = await self._open()
+        if warm is None:
+            return
+        if self._closed:
+            warm.transport.close()
+            return
+        self._park(warm)
+
+    async def _open(self) -> WarmUpstream | None:
         upstream = self._listener.upstream
         implicit = upstream.tls is UpstreamTLS.IMPLICIT
         loop = asyncio.get_running_loop()
@@ -196,11 +215,8 @@ class UpstreamPool:
                 transport.abort()
             raise
         if transport is None:
-            return
-        if self._closed:
-            transport.close()
-            return
-        self._park(WarmUpstream(transport, core.upstream_extensions, core.upstream_tls, protocol))
+            return None
+        return WarmUpstream(transport, core.upstream_extensions, core.upstream_tls, protocol)
 
     async def _prelude(
         self, core: SmtpCore, transport: asyncio.Transport, protocol: _WarmProtocol

@@ -172,6 +172,11 @@ class ProxySession:
         self._account: Account | None = None
         # why the pending LoginFailed failed, and the words for the log (token errors)
         self._diagnosis: tuple[Diagnosis, str] | None = None
+        # Started on a warm pooled connection that hasn't answered us yet: what we sent
+        # it so far (None otherwise). If it turns out dead, a new connection gets these
+        # bytes and the client never learns (see `_replace_stale_upstream`).
+        self._unanswered: bytearray | None = None
+        self._stale_upstream = False
         client.set_protocol(_Feed(self._client_data, self._client_lost))
 
     # -- feeding the core ----------------------------------------------------------------
@@ -184,6 +189,13 @@ class ProxySession:
         self._after_input()
 
     def _upstream_data(self, data: bytes) -> None:
+        if self._unanswered is not None:
+            if not self._unanswered:
+                # nothing asked, yet it speaks: a parked connection's idle-timeout 421
+                # or the like, which our replacement must not see either
+                self._upstream_gone_unanswered()
+                return
+            self._unanswered = None  # the first reply: from here on, as any connection
         if self.core.finished:
             self._late_upstream += data
             return
@@ -195,7 +207,15 @@ class ProxySession:
         self._wake.set()
 
     def _upstream_lost(self) -> None:
+        if self._unanswered is not None:
+            self._upstream_gone_unanswered()
+            return
         self.core.upstream_closed()
+        self._wake.set()
+
+    def _upstream_gone_unanswered(self) -> None:
+        # the pump replaces the connection before it performs the next action
+        self._stale_upstream = True
         self._wake.set()
 
     def _after_input(self) -> None:
@@ -241,9 +261,37 @@ class ProxySession:
             return False
         self.upstream = warm.transport
         warm.transport.set_protocol(_Feed(self._upstream_data, self._upstream_lost))
+        self._unanswered = bytearray()
         self.core.resume(warm.extensions, upstream_tls=warm.tls)
         self._wake.set()
         return True
+
+    async def _replace_stale_upstream(self) -> None:
+        """The warm connection died before answering anything of ours (every connection
+        dropped at once, a FIN in flight when the pool handed it out): continue on a new
+        one. Until that first answer the core has sent at most the AUTH command, which is
+        safe to send again; once, so a dead upstream still ends as a lost connection."""
+        assert self.ctx.pool is not None and self.upstream is not None
+        self._stale_upstream = False
+        unanswered, self._unanswered = bytes(self._unanswered or b""), None
+        old, self.upstream = self.upstream, None
+        old.set_protocol(asyncio.Protocol())  # its last events are no longer ours
+        old.abort()
+        fresh = await self.ctx.pool.connect()
+        if fresh is None or fresh.protocol.gone or self.core.finished:
+            if fresh is not None:
+                fresh.transport.abort()
+            self.ctx.bound.upstream_error("connect").inc()
+            self.core.upstream_closed()
+            return
+        log.info(
+            "warm upstream connection was gone before the login; continuing on a new one",
+            extra={"peer": self.peer},
+        )
+        self.upstream = fresh.transport
+        fresh.transport.set_protocol(_Feed(self._upstream_data, self._upstream_lost))
+        if unanswered:
+            fresh.transport.write(unanswered)
 
     async def _connect_upstream(self) -> None:
         upstream = self.ctx.listener.upstream
@@ -275,6 +323,8 @@ class ProxySession:
     async def _pump(self) -> bool:
         """Perform actions until Splice (True) or Close (False)."""
         while True:
+            if self._stale_upstream:
+                await self._replace_stale_upstream()
             action = self.core.next_action()
             if action is None:
                 self._wake.clear()
@@ -284,6 +334,8 @@ class ProxySession:
                 case core_api.SendClient(data):
                     self.client.write(data)
                 case core_api.SendUpstream(data):
+                    if self._unanswered is not None:
+                        self._unanswered += data
                     # closing: a failed STARTTLS handshake; the core is already ending
                     if self.upstream is not None and not self.upstream.is_closing():
                         self.upstream.write(data)

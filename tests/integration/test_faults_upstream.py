@@ -322,6 +322,56 @@ def test_upstream_closes_mid_fetch(
     _eventually(lambda: _assert_equal(proxy.metric("mailwarden_active_connections", **active), 0))
 
 
+def test_upstream_closes_mid_retr(
+    run_proxy: Any,
+    idp: LocalIdP,
+    local_ca: LocalCA,
+    upstreams: Upstreams,
+    cut_relay: Any,
+) -> None:
+    """Dovecot's side drops during a large RETR: the client sees the connection end
+    before the terminating dot, never a complete-looking message; the upstream never got
+    QUIT, so the message is still there for the next session, whole."""
+    dovecot = upstreams.dovecot
+    body = b"".join(b"%07d " % i + b"p" * 70 + b"\r\n" for i in range(30_000))  # ~2.3 MB
+    message = b"From: a@example.com\r\nTo: %s\r\nSubject: pop\r\n\r\n" % USER.encode() + body
+    dovecot.deliver(USER, message)
+    relay = cut_relay(*upstreams.address(MailProtocol.POP3, UpstreamTLS.IMPLICIT))
+    proxy = _proxy(run_proxy, idp, local_ca, relay, MailProtocol.POP3, UpstreamTLS.IMPLICIT)
+    port = proxy.port("faulty")
+
+    pop = poplib.POP3("127.0.0.1", port, timeout=15)
+    pop.user(USER)
+    pop.pass_(LOCAL_PASSWORD)
+    assert pop.stat()[0] == 1
+    relay.cut_after(downstream=256 * 1024)
+    # by hand: poplib's retr would wait for a dot that never comes
+    pop.sock.sendall(b"RETR 1\r\n")
+    assert pop.file.readline().startswith(b"+OK")
+    received = 0
+    while line := pop.file.readline():  # until the proxy closes the connection
+        assert line != b".\r\n", "the message must not look complete"
+        received += len(line)
+    assert relay.wait_cut()
+    assert 0 < received < len(message)
+    pop.close()
+
+    def retrieve_all() -> None:
+        again = poplib.POP3("127.0.0.1", port, timeout=15)
+        try:
+            again.user(USER)
+            again.pass_(LOCAL_PASSWORD)
+            assert again.stat()[0] == 1  # nothing was expunged by the cut session
+            _, lines, _ = again.retr(1)
+            assert b"\r\n".join(lines) + b"\r\n" == message
+        finally:
+            again.quit()
+
+    retrieve_all()
+    active = {"listener": "faulty", "protocol": "pop3"}
+    _eventually(lambda: _assert_equal(proxy.metric("mailwarden_active_connections", **active), 0))
+
+
 @pytest.mark.parametrize("tls", [UpstreamTLS.IMPLICIT, UpstreamTLS.STARTTLS])
 def test_upstream_closes_mid_data(
     run_proxy: Any,

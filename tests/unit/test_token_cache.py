@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -168,6 +169,42 @@ def test_failed_proactive_refresh_keeps_the_old_token() -> None:
         await broker.close()
 
     run(scenario())
+
+
+def test_failures_are_logged_once_diagnosed(caplog: pytest.LogCaptureFixture) -> None:
+    """A failure a login waits for is the login's to report (the session logs it with
+    its diagnosis); a failed refresh ahead of expiry has nobody else to say it."""
+    provider = FakeProvider(lifetime=1.5)
+    provider.fail = PermanentTokenError("invalid_grant", "AADSTS50173: grant expired")
+    caplog.set_level("DEBUG", logger="mailwarden_proxy.tokens.cache")
+
+    def ours() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "mailwarden_proxy.tokens.cache"]
+
+    async def on_login() -> None:
+        broker = broker_for(provider)
+        with pytest.raises(PermanentTokenError):
+            await broker.get(account(), "box@example.org")
+        await broker.close()
+
+    run(on_login())
+    assert [r.levelname for r in ours()] == ["DEBUG"]
+    caplog.clear()
+
+    async def ahead_of_expiry() -> None:
+        provider.fail = None
+        broker = broker_for(provider, refresh_margin_min=0.7, retry_min=5)
+        await broker.get(account(), "box@example.org")
+        provider.fail = TemporaryTokenError("server_error", "HTTP 503")
+        await asyncio.sleep(1.0)
+        await broker.close()
+
+    run(ahead_of_expiry())
+    [warning] = [r for r in ours() if r.levelname == "WARNING"]
+    text = warning.getMessage()
+    assert "ahead of its expiry" in text and "server_error: HTTP 503" in text
+    assert "Fix:" in text and "serves logins until it expires" in text
+    assert warning.__dict__["event"] == "token_refresh_failed"
 
 
 def test_idle_keys_are_not_refreshed() -> None:

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mailwarden_proxy.catalogue import diagnose_token_error
 from mailwarden_proxy.config.model import Account, Flow
 from mailwarden_proxy.tokens.base import AccessToken, TemporaryTokenError, TokenError, TokenProvider
 
@@ -196,9 +197,11 @@ class TokenBroker:
         margin = min(max(lifetime * self._fraction, self._margin_min), self._margin_max)
         return min(margin, lifetime / 2)
 
-    async def _fetch(self, key: TokenKey, entry: _Entry, username: str) -> AccessToken:
+    async def _fetch(
+        self, key: TokenKey, entry: _Entry, username: str, *, background: bool = False
+    ) -> AccessToken:
         if entry.inflight is None:
-            task = asyncio.create_task(self._run_fetch(key, entry, username))
+            task = asyncio.create_task(self._run_fetch(key, entry, username, background))
             # mark the outcome retrieved: if every waiter went away, asyncio would
             # otherwise log "exception was never retrieved"
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -206,7 +209,9 @@ class TokenBroker:
         # shield: one caller's cancellation must not cancel the fetch the others await
         return await asyncio.shield(entry.inflight)
 
-    async def _run_fetch(self, key: TokenKey, entry: _Entry, username: str) -> AccessToken:
+    async def _run_fetch(
+        self, key: TokenKey, entry: _Entry, username: str, background: bool
+    ) -> AccessToken:
         account = key[0]
         label = account.username
         started = time.monotonic()
@@ -215,12 +220,12 @@ class TokenBroker:
             provider = self.provider(account)
             token = await loop.run_in_executor(self._executor, provider.fetch, username)
         except TokenError as exc:
-            self._failed(entry, label, exc, time.monotonic() - started)
+            self._failed(entry, label, exc, time.monotonic() - started, background)
             raise
         except Exception as exc:  # a provider bug: keep its text (maybe secret) out
             log.error("token provider for %s raised %s", label, type(exc).__name__)
             error = TemporaryTokenError("provider_error", type(exc).__name__)
-            self._failed(entry, label, error, time.monotonic() - started)
+            self._failed(entry, label, error, time.monotonic() - started, background)
             raise error from None
         finally:
             entry.inflight = None
@@ -233,11 +238,26 @@ class TokenBroker:
             entry.refresher = asyncio.create_task(self._refresh_loop(key, entry))
         return token
 
-    def _failed(self, entry: _Entry, label: str, error: TokenError, seconds: float) -> None:
+    def _failed(
+        self, entry: _Entry, label: str, error: TokenError, seconds: float, background: bool
+    ) -> None:
         entry.error, entry.error_until = error, self._clock() + self._negative_ttl
         self._observer.token_request(label, error.code, seconds)
+        if not background:  # a login waits for it and logs the failure, diagnosed, once
+            log.debug("token request for %s failed: %s", label, error)
+            return
+        diagnosis = diagnose_token_error(error.code, error.description, username=label)
         logger = log.warning if error.temporary else log.error
-        logger("token request for %s failed: %s", label, error)
+        logger(
+            "refreshing the token of %s ahead of its expiry failed: %s (%s). %s Fix: %s "
+            "The current token serves logins until it expires.",
+            label,
+            diagnosis.reason,
+            error,
+            diagnosis.entry.cause,
+            diagnosis.entry.fix,
+            extra={"event": "token_refresh_failed", "reason": diagnosis.reason},
+        )
 
     async def _refresh_loop(self, key: TokenKey, entry: _Entry) -> None:
         """Keeps the key's token fresh while the key is in use (see the module doc)."""
@@ -253,7 +273,7 @@ class TokenBroker:
             if now - entry.last_used > self._idle_after or now >= token.expires_at:
                 return  # idle, or too late to matter: the next login fetches on demand
             try:
-                await self._fetch(key, entry, entry.username or key[0].username)
+                await self._fetch(key, entry, entry.username or key[0].username, background=True)
                 retry = self._retry_min
             except TokenError:
                 # the old token keeps serving; try again, but not after it expired

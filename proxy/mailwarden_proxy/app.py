@@ -5,6 +5,9 @@ force). The file is also watched: in a pod it is a mounted Secret that the kubel
 replaces when the operator re-renders it, and nobody can send the sidecar a signal.
 SIGTERM and SIGINT stop accepting and let live sessions finish for the drain period, as
 Kubernetes expects during its termination grace period.
+
+Nothing is written to disk unless a cache store is given (`tokens.store`, opened by the
+CLI): a read-only configuration mount must work.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import resource
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailwarden_proxy.config.errors import ConfigError
 from mailwarden_proxy.config.load import load_config
@@ -24,6 +28,9 @@ from mailwarden_proxy.health import HealthServer
 from mailwarden_proxy.metrics import ProxyMetrics
 from mailwarden_proxy.relay.server import ProxyServer
 from mailwarden_proxy.tokens.cache import TokenBroker
+
+if TYPE_CHECKING:
+    from mailwarden_proxy.tokens.store import TokenStore
 
 log = logging.getLogger("mailwarden")
 
@@ -68,10 +75,24 @@ def install_event_loop() -> None:
 class ProxyApp:
     """The proxy process: what `mailwarden-proxy --config` runs, and what tests start."""
 
-    def __init__(self, config: ProxyConfig, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        config_path: Path | None = None,
+        *,
+        token_store: TokenStore | None = None,
+    ) -> None:
         self.config_path = config_path
         self.metrics = ProxyMetrics()
-        self.tokens = TokenBroker(observer=self.metrics)
+        self.token_store = token_store
+        factory = None
+        if token_store is not None:
+            from mailwarden_proxy.tokens.factory import stored_provider_factory
+
+            factory = stored_provider_factory(token_store)
+        self.tokens = TokenBroker(factory, observer=self.metrics)
+        # the store is opened once, at start; a reload that names another one is reported
+        self._cache_store_setting = config.cache_store
         self.server = ProxyServer(config, self.tokens, self.metrics)
         self.health: HealthServer | None = None
         self._stop = asyncio.Event()
@@ -79,6 +100,8 @@ class ProxyApp:
     async def start(self) -> None:
         for warning in self.server.config.warnings:
             log.warning("configuration: %s", warning)
+        if self.token_store is not None:
+            log.info("refresh tokens are kept in the cache store %s", self.token_store.path)
         ensure_file_descriptors(self.server.config)
         await self.server.start()
         metrics = self.server.config.metrics
@@ -98,6 +121,12 @@ class ProxyApp:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return False
         previous = set(self.server.config.accounts)
+        if config.cache_store != self._cache_store_setting:
+            self._cache_store_setting = config.cache_store
+            log.warning(
+                "configuration: cacheStore changed; the cache store is chosen at start "
+                "(--cache-store overrides it)"
+            )
         ensure_file_descriptors(config)
         await self.server.reload(config)
         # an account whose settings changed (say, a rotated client secret) is a new key:
@@ -154,6 +183,14 @@ class ProxyApp:
         await self.stop(grace)
 
 
-async def run(config_path: Path, grace: float, watch_interval: float = 0) -> None:
-    app = ProxyApp(load_config(config_path), config_path)
+async def run(
+    config_path: Path,
+    grace: float,
+    watch_interval: float = 0,
+    *,
+    config: ProxyConfig | None = None,
+    token_store: TokenStore | None = None,
+) -> None:
+    loaded = config if config is not None else load_config(config_path)
+    app = ProxyApp(loaded, config_path, token_store=token_store)
     await app.serve_until_signalled(grace, watch_interval)

@@ -420,7 +420,10 @@ ENTRIES: tuple[Entry, ...] = (
         Stage.TOKEN,
         "The identity provider refused the grant: a refresh token, device code or "
         "password that is no longer (or never was) valid.",
-        _NEW_CONSENT + " For the password flow check the password.",
+        _NEW_CONSENT + " For the password flow check the password. If the standalone "
+        "proxy worked until it restarted, the identity provider rotates refresh tokens and "
+        "retired the one in the file: run it with --cache-store so the newest one survives "
+        "restarts.",
         False,
         ("invalid_grant",),
     ),

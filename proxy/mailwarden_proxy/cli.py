@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from mailwarden_proxy.config.errors import ConfigError
 
 if TYPE_CHECKING:
     from mailwarden_proxy.config.model import ProxyConfig
+    from mailwarden_proxy.tokens.store import TokenStore
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -72,6 +74,22 @@ def _run_parser() -> argparse.ArgumentParser:
         help="reload when the configuration file changes, checked every N seconds "
         "(default 10; 0 turns it off, SIGHUP still works)",
     )
+    parser.add_argument(
+        "--cache-store",
+        type=Path,
+        metavar="PATH",
+        help="keep the newest refresh token of each account in this encrypted file, so a "
+        "token the identity provider rotated survives a restart (overrides cacheStore; "
+        "default: memory only, nothing is written). Key: a passphrase in "
+        "MAILWARDEN_CACHE_KEY or --cache-store-key-file",
+    )
+    parser.add_argument(
+        "--cache-store-key-file",
+        type=Path,
+        metavar="PATH",
+        help="a file holding the cache store's passphrase (instead of MAILWARDEN_CACHE_KEY); "
+        "keep it away from the store",
+    )
     _add_logging(parser)
     return parser
 
@@ -108,21 +126,44 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"mailwarden-proxy: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
         return 2
+    store_path = args.cache_store or (Path(config.cache_store) if config.cache_store else None)
     if args.check:
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(describe(config))
+        shown = replace(config, cache_store=str(store_path) if store_path else None)
+        print(describe(shown))
         return 0
     if args.diagnose:
         return _diagnose(config, args)
+    store = None
+    if store_path is not None:
+        from mailwarden_proxy.tokens.store import StoreError
+
+        try:
+            store = _open_cache_store(store_path, args.cache_store_key_file)
+        except StoreError as exc:
+            print(f"mailwarden-proxy: {exc}", file=sys.stderr)
+            return 2
 
     from mailwarden_proxy import footprint
     from mailwarden_proxy.app import install_event_loop, run
 
     footprint.apply()
     install_event_loop()
-    asyncio.run(run(args.config, args.drain_seconds, args.watch_interval))
+    run_app = run(
+        args.config, args.drain_seconds, args.watch_interval, config=config, token_store=store
+    )
+    asyncio.run(run_app)
     return 0
+
+
+def _open_cache_store(path: Path, key_file: Path | None) -> TokenStore:
+    import os
+
+    from mailwarden_proxy.tokens.store import TokenStore, passphrase_from
+
+    passphrase, source = passphrase_from(key_file, os.environ)
+    return TokenStore.open(path, passphrase, key_source=source)
 
 
 def _diagnose(config: ProxyConfig, args: argparse.Namespace) -> int:

@@ -359,9 +359,13 @@ def _doc_text() -> str:
 
 def test_annotations_and_settings_named_in_the_docs_exist() -> None:
     """No invented names: every `mailwarden.io/...` annotation and `MAILWARDEN_*` setting
-    the docs mention is one the operator (or the chart) really uses."""
+    the docs mention is one the operator, the proxy (or the chart) really uses."""
     text = _doc_text()
-    code_text = _sources("operator/mailwarden_operator/**/*.py", "charts/mailwarden/**/*")
+    code_text = _sources(
+        "operator/mailwarden_operator/**/*.py",
+        "proxy/mailwarden_proxy/**/*.py",
+        "charts/mailwarden/**/*",
+    )
     annotations = set(re.findall(r"mailwarden\.io/[a-z0-9-]+", text))
     settings = set(re.findall(r"MAILWARDEN_[A-Z0-9_]*[A-Z0-9]", text))
     assert {"mailwarden.io/inject", "mailwarden.io/check-credentials"} <= annotations

@@ -10,13 +10,17 @@ request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mailwarden_proxy.config.model import Account, Flow, ProviderKind
 from mailwarden_proxy.tokens.base import DEFAULT_TIMEOUT, TokenProvider
 
 if TYPE_CHECKING:
+    from mailwarden_proxy.secret import Secret
     from mailwarden_proxy.tokens.generic import RefreshTokenHook
+    from mailwarden_proxy.tokens.store import TokenStore
 
 
 def provider_for(
@@ -42,3 +46,25 @@ def provider_for(
     from mailwarden_proxy.tokens.generic import GenericProvider
 
     return GenericProvider(account, on_refresh_token=on_refresh_token, timeout=timeout)
+
+
+def stored_provider_factory(
+    store: TokenStore, *, timeout: float = DEFAULT_TIMEOUT
+) -> Callable[[Account], TokenProvider]:
+    """A provider factory for the broker that starts each account from its newest stored
+    refresh token (`TokenStore.initial`) and stores every rotation."""
+
+    def make(account: Account) -> TokenProvider:
+        seed = account.oauth2.refresh_token
+        initial = store.initial(account.username, seed)
+        if initial is not seed:
+            # only the provider sees the stored token: the broker keys on the configured
+            # account, which a reload compares with the next configuration
+            account = replace(account, oauth2=replace(account.oauth2, refresh_token=initial))
+
+        def keep(username: str, token: Secret) -> None:
+            store.remember(username, token, seed=seed)
+
+        return provider_for(account, on_refresh_token=keep, timeout=timeout)
+
+    return make

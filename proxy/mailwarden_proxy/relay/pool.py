@@ -89,6 +89,7 @@ class _WarmProtocol(CopyingReader):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost()
+        self.transport = None  # no cycle with the transport, which keeps its protocol
 
     def _lost(self) -> None:
         if self.gone:

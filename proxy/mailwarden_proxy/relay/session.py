@@ -140,6 +140,18 @@ class _Feed(CopyingReader):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost()
+        # the last event: let go of the session, so the transport (which keeps its
+        # protocol) and the session (which keeps the transport) make no cycle; see
+        # `SpliceEnd.connection_lost`
+        self._on_data, self._on_lost = _ignore_data, _ignore
+
+
+def _ignore_data(data: bytes) -> None:
+    pass
+
+
+def _ignore() -> None:
+    pass
 
 
 class ProxySession:

@@ -56,6 +56,12 @@ class SpliceEnd(CopyingReader):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
+        # No event comes after this one. Drop the references that make cycles (transport
+        # <-> protocol, end <-> end): refcounting then frees the connection, and with it
+        # its TLS state and uvloop's 256 KiB buffer, now rather than at the cyclic GC's
+        # next full collection, minutes of sessions later (bench/README.md, Soak).
+        self.transport = None
+        self.peer = None
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:

@@ -149,6 +149,14 @@ def _recovers(
     _eventually(lambda: _assert_equal(proxy.metric("mailwarden_active_connections", **active), 0))
 
 
+def _deliver_big(dovecot: DovecotServer, lines: int) -> bytes:
+    """A message of `lines` numbered 80-byte lines in USER's INBOX; returns it."""
+    body = b"".join(b"%07d " % i + b"x" * 70 + b"\r\n" for i in range(lines))
+    message = b"From: a@example.com\r\nTo: %s\r\nSubject: big\r\n\r\n" % USER.encode() + body
+    dovecot.deliver(USER, message)
+    return message
+
+
 def _assert_equal(a: object, b: object) -> None:
     assert a == b
 
@@ -283,10 +291,7 @@ def test_upstream_closes_mid_fetch(
 ) -> None:
     """Dovecot's side drops during a large FETCH: the client sees the connection end
     before the literal is complete; the proxy keeps serving new sessions."""
-    dovecot = upstreams.dovecot
-    body = b"".join(b"%07d " % i + b"x" * 70 + b"\r\n" for i in range(40_000))  # ~3.1 MB
-    message = b"From: a@example.com\r\nTo: %s\r\nSubject: big\r\n\r\n" % USER.encode() + body
-    dovecot.deliver(USER, message)
+    message = _deliver_big(upstreams.dovecot, 40_000)  # ~3.1 MB
     relay = cut_relay(*upstreams.address(MailProtocol.IMAP, UpstreamTLS.IMPLICIT))
     proxy = _proxy(run_proxy, idp, local_ca, relay, MailProtocol.IMAP, UpstreamTLS.IMPLICIT)
     port = proxy.port("faulty")
@@ -332,10 +337,7 @@ def test_upstream_closes_mid_retr(
     """Dovecot's side drops during a large RETR: the client sees the connection end
     before the terminating dot, never a complete-looking message; the upstream never got
     QUIT, so the message is still there for the next session, whole."""
-    dovecot = upstreams.dovecot
-    body = b"".join(b"%07d " % i + b"p" * 70 + b"\r\n" for i in range(30_000))  # ~2.3 MB
-    message = b"From: a@example.com\r\nTo: %s\r\nSubject: pop\r\n\r\n" % USER.encode() + body
-    dovecot.deliver(USER, message)
+    message = _deliver_big(upstreams.dovecot, 30_000)  # ~2.3 MB
     relay = cut_relay(*upstreams.address(MailProtocol.POP3, UpstreamTLS.IMPLICIT))
     proxy = _proxy(run_proxy, idp, local_ca, relay, MailProtocol.POP3, UpstreamTLS.IMPLICIT)
     port = proxy.port("faulty")

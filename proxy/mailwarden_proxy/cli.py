@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -158,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _open_cache_store(path: Path, key_file: Path | None) -> TokenStore:
-    import os
-
     from mailwarden_proxy.tokens.store import TokenStore, passphrase_from
 
     passphrase, source = passphrase_from(key_file, os.environ)

@@ -30,33 +30,24 @@ class ListenerMetrics:
         self._refused: dict[str, Counter] = {}
 
     def login(self, result: str) -> Counter:
-        child = self._logins.get(result)
-        if child is None:  # created on first use, so unused results stay out of /metrics
-            child = self._logins[result] = self._metrics.logins.labels(
-                self._name, self._protocol, result
-            )
-        return child
+        return _child(self._logins, self._metrics.logins, self._name, self._protocol, result)
 
     def timeout(self, phase: str) -> Counter:
-        child = self._timeouts.get(phase)
-        if child is None:
-            child = self._timeouts[phase] = self._metrics.session_timeouts.labels(
-                self._name, self._protocol, phase
-            )
-        return child
+        timeouts = self._metrics.session_timeouts
+        return _child(self._timeouts, timeouts, self._name, self._protocol, phase)
 
     def refused(self, reason: str) -> Counter:
-        child = self._refused.get(reason)
-        if child is None:
-            child = self._refused[reason] = self._metrics.connections_refused.labels(
-                self._name, self._protocol, reason
-            )
-        return child
+        refused = self._metrics.connections_refused
+        return _child(self._refused, refused, self._name, self._protocol, reason)
 
     def upstream_error(self, kind: str) -> Counter:
-        child = self._upstream_errors.get(kind)
-        if child is None:
-            child = self._upstream_errors[kind] = self._metrics.upstream_errors.labels(
-                self._name, kind
-            )
-        return child
+        return _child(self._upstream_errors, self._metrics.upstream_errors, self._name, kind)
+
+
+def _child(cache: dict[str, Counter], family: Counter, *labels: str) -> Counter:
+    """`family.labels(*labels)`, kept in `cache` by the last label; created on first use,
+    so results that never happen stay out of /metrics."""
+    child = cache.get(labels[-1])
+    if child is None:
+        child = cache[labels[-1]] = family.labels(*labels)
+    return child

@@ -91,14 +91,10 @@ class _Feed(CopyingReader):
         # the last event: let go of the session, so the transport (which keeps its
         # protocol) and the session (which keeps the transport) make no cycle; see
         # `SpliceEnd.connection_lost`
-        self._on_data, self._on_lost = _ignore_data, _ignore
+        self._on_data = self._on_lost = _ignore
 
 
-def _ignore_data(data: bytes) -> None:
-    pass
-
-
-def _ignore() -> None:
+def _ignore(*_: object) -> None:
     pass
 
 
